@@ -1,0 +1,73 @@
+# The Makefile is the contract: every target uses the project's own virtualenv in .venv (made by `make install`).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TINY := weights/tiny
+NGPU ?= 2
+LOG_RANK ?= 0
+ARGS ?=
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo tiny-weights test test-fast test-dist test-gpu test-cluster lint format print-config plan run bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+tiny-weights: $(TINY)/.complete
+
+$(TINY)/.complete: $(STAMP)
+	$(PY) -m launch.weights make-tiny $(TINY)
+
+# The built-in tiny model on the example portrait and 5 s of speech -> outputs/demo.mp4 (with sound).
+demo: install tiny-weights
+	$(PY) -m launch.generate model=tiny weights=$(TINY) image=examples/portrait.jpg audio=examples/speech_5s.wav \
+		prompt="A woman speaks to the camera." output=outputs/demo.mp4 overwrite=true $(ARGS)
+
+# Everything CI runs: tier 1 (unit), tier 2 (multi-rank gloo), cluster (local Slurm; skips where it cannot start).
+test: install
+	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q tests/unit $(ARGS)
+
+test-dist: install
+	$(PY) -m pytest -q tests/dist $(ARGS)
+
+test-cluster: install
+	$(PY) -m pytest -q tests/cluster $(ARGS)
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+print-config: install
+	$(PY) -m launch.config $(ARGS)
+
+plan: install
+	$(PY) -m launch.plan $(ARGS)
+
+# torchrun on this machine: make run NGPU=2 ARGS="model=tiny weights=weights/tiny image=... audio=... output=..."
+run: install
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) --local-ranks-filter=$(LOG_RANK) -m launch.generate $(ARGS)
+
+bench: install tiny-weights
+	$(PY) bench/comm_bench.py
+	$(PY) bench/long_memory_bench.py
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,284 @@
+"""Typed configuration schemas.
+
+Every field has a docstring-style comment. ``launch/config.py`` registers these dataclasses in Hydra's ConfigStore;
+the YAML files under ``configs/`` fill them. Nothing in ``avatar/`` reads argv or the environment: the resolved
+``RunConfig`` is passed in.
+
+Three kinds of settings live in separate dataclasses: what the network *is* (``ModelConfig``), how a video is
+*sampled* (``SamplingConfig``, ``AudioConfig``, ``LongConfig``), and how the process *runs* (``ParallelConfig``,
+``AttentionConfig``, ``OutputConfig``, ``BatchConfig`` and the top-level ``RunConfig``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+#: Output-folder names of the official release, relative to the weights folder (``weights/ckpts/...``).
+OFFICIAL_DIT_FILE = "ckpts/hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt"
+OFFICIAL_DIT_FP8_FILE = "ckpts/hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states_fp8.pt"
+OFFICIAL_DIT_FP8_MAP_FILE = "ckpts/hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states_fp8_map.pt"
+OFFICIAL_VAE_DIR = "ckpts/hunyuan-video-t2v-720p/vae"
+OFFICIAL_WHISPER_DIR = "ckpts/whisper-tiny"
+OFFICIAL_LLAVA_DIR = "ckpts/llava_llama_image"
+OFFICIAL_CLIP_DIR = "ckpts/text_encoder_2"
+OFFICIAL_FACE_DETECTOR = "ckpts/det_align/detface.pt"
+
+
+@dataclass
+class ModelConfig:
+    """What the network is. Every width and depth of the DiT and its conditioning lives here (§3 of the dossier)."""
+
+    name: str = MISSING
+    """Model name: ``hunyuan_avatar`` (the official 13B checkpoint) or ``tiny`` (same classes, CPU-sized)."""
+
+    # --- DiT widths and depths ---
+    hidden_size: int = 3072
+    """Token width of the DiT."""
+    num_heads: int = 24
+    """Attention heads; head_dim = hidden_size // num_heads."""
+    depth_double: int = 20
+    """Number of double-stream (MM-DiT) blocks."""
+    depth_single: int = 40
+    """Number of single-stream blocks."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width = hidden_size * mlp_ratio."""
+    refiner_depth: int = 2
+    """Blocks of the text token refiner (txt_in)."""
+    latent_channels: int = 16
+    """VAE latent channels (DiT in/out channels)."""
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    """(t, h, w) patch of img_in / ref_in."""
+    rope_axes: list[int] = field(default_factory=lambda: [16, 56, 56])
+    """RoPE dims per (t, h, w) axis; they sum to head_dim."""
+    rope_theta: float = 256.0
+    """RoPE base."""
+    time_embed_dim: int = 256
+    """Sinusoidal timestep embedding size fed to the TimestepEmbedders."""
+
+    # --- text conditioning ---
+    text_states_dim: int = 4096
+    """Width of the LLaVA-Llama hidden states (txt_in input)."""
+    text_states_dim_2: int = 768
+    """Width of the CLIP pooled output (vector_in input)."""
+    text_len: int = 256
+    """Prompt tokens kept after the template crop."""
+    text_crop_start: int = 95
+    """Template tokens cropped from the front of the LLaVA hidden states."""
+    text_image_tokens: int = 576
+    """Image features the LLaVA vision tower gives per image (replace the single <image> token)."""
+    text_hidden_layer: int = -3
+    """Which LLaVA hidden state is used (−3: skip the last two layers)."""
+    clip_max_length: int = 77
+    """CLIP tokenizer max length."""
+
+    # --- audio conditioning ---
+    audio_window: int = 10
+    """Whisper frames per video frame fed to audio_proj (a 200 ms window at 25 fps)."""
+    audio_layers: int = 5
+    """Whisper hidden states stacked per frame (embedding output + encoder layers)."""
+    audio_channels: int = 384
+    """Whisper hidden width (whisper-tiny: 384)."""
+    audio_proj_dim: int = 1024
+    """Intermediate width of audio_proj (AudioProjNet2)."""
+    audio_tokens: int = 4
+    """Audio tokens produced per video frame by audio_proj."""
+    adapter_dim: int = 1024
+    """Inner width of the single-head audio adapters (PerceiverAttentionCA dim_head)."""
+    adapter_after_double: list[int] = field(default_factory=lambda: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19])
+    """0-based double-block indices after which an audio adapter runs."""
+    motion_exp: float = 30.0
+    """Constant motion-expression bucket value (official: 30)."""
+    motion_pose: float = 25.0
+    """Constant motion-pose bucket value (official: 25)."""
+
+    # --- VAE and geometry ---
+    vae_temporal_ratio: int = 4
+    """Video frames per latent frame (after the first)."""
+    vae_spatial_ratio: int = 8
+    """Pixels per latent pixel per side."""
+    vae_scaling_factor: float = 0.476986
+    """Latent scaling factor."""
+    image_size: int = 704
+    """Short side of the rendered video before bucketing (multiples of 64)."""
+    bucket_multiple: int = 64
+    """Rendered sides are rounded to multiples of this."""
+    llava_image_size: int = 336
+    """Side of the square image fed to the LLaVA vision tower."""
+    window_frames: int = 129
+    """Video frames per denoising window (129 = 33 latent frames)."""
+    shift_offset: int = 10
+    """Latent frames the `shift` strategy moves its window grid by per step."""
+    vae_tile_frames: int = 64
+    """VAE decode temporal tile, in video frames (official 64)."""
+    vae_tile_stride_frames: int = 48
+    """VAE decode temporal tile stride, in video frames (official 48)."""
+    vae_tile_size: int = 256
+    """VAE spatial tile, in pixels (official 256)."""
+    vae_tile_stride: int = 192
+    """VAE spatial tile stride, in pixels (official 192)."""
+    face_detector: str = "official"
+    """Face detector: ``official`` (TorchScript det_align/detface.pt) or ``opencv`` (OpenCV's bundled Haar cascade)."""
+
+
+@dataclass
+class SamplingConfig:
+    """How a window is denoised (§4 of the dossier)."""
+
+    steps: int = 50
+    """Denoising steps."""
+    shift: float = 5.0
+    """Flow-matching timestep shift."""
+    cfg_scale: float = 7.5
+    """Joint text+audio guidance at step 0 of the first phase."""
+    joint_cfg_steps: int = 10
+    """Steps of the first (text+audio) guidance phase."""
+    joint_cfg_floor: float = 2.0
+    """Guidance the first-phase linear ramp heads to."""
+    audio_cfg_max: float = 6.5
+    """Second-phase (audio-only) guidance ramp top."""
+    audio_cfg_min: float = 3.5
+    """Second-phase (audio-only) guidance ramp floor."""
+    joint_face_mask_scale: float = 0.6
+    """Face-mask multiplier during the first phase (both branches)."""
+    negative_prompt: str = (
+        "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, "
+        "bad eyes, bad limbs, distortion, blurring, Lens changes"
+    )
+    """Negative prompt of the first phase."""
+    prompt_prefix: str = "Authentic, Realistic, Natural, High-quality, Lens-Fixed, "
+    """Prefix added to every prompt."""
+    cache: bool = True
+    """Reuse the input of the last single block on the official cached steps (official default: on)."""
+    fidelity: str = "official"
+    """``official``: the official dtype roundings between steps; ``fp32``: exact float32 throughout."""
+    reference_sample: bool = False
+    """Draw the reference latent from the VAE posterior (official) instead of using its mean."""
+
+
+@dataclass
+class AudioConfig:
+    """Audio input, decoding and features (``audio=PATH`` on the command line sets ``audio.path``)."""
+
+    path: Optional[str] = None
+    """Speech audio path (wav, flac, mp3, m4a; any rate, mono or stereo)."""
+    sample_rate: int = 16000
+    """Rate audio is resampled to for Whisper."""
+    fps: int = 25
+    """Video frame rate (the official model is trained at 25)."""
+    max_seconds: Optional[float] = None
+    """Reject audio longer than this (None: no maximum)."""
+    chunk_seconds: float = 30.0
+    """Whisper encoder input length per piece."""
+    context_seconds: float = 2.0
+    """Overlapping context on each side of a Whisper piece, so features are continuous across pieces."""
+
+
+@dataclass
+class LongConfig:
+    """Long-audio windowing and stitching."""
+
+    strategy: str = "auto"
+    """``shift`` (official circular shifted windows), ``blend`` (lockstep overlapping windows averaged each step),
+    ``segments`` (independent overlapping segments cross-faded, streamed to disk) or ``auto``."""
+    overlap_frames: int = 0
+    """Overlap between neighbouring windows in latent frames for blend/segments (0: a model default of a quarter
+    window)."""
+    auto_segments_seconds: float = 20.0
+    """With ``auto``: audio longer than this uses ``segments``, shorter uses ``shift``."""
+    max_cache_frames: int = 400
+    """Bound on the latent frames the sampler cache may hold; longer videos turn the cache off (logged)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of the parallel plan. Each is an integer or ``auto`` (see launch/plan.py for the rule)."""
+
+    data: str = "auto"
+    """Data-parallel groups (windows, segments or batch rows)."""
+    cfg: str = "auto"
+    """CFG-parallel degree (1 or 2)."""
+    ulysses: str = "auto"
+    """Ulysses (all-to-all over heads) sequence-parallel degree."""
+    ring: str = "auto"
+    """Ring-attention sequence-parallel degree."""
+
+
+@dataclass
+class AttentionConfig:
+    """Attention facade settings."""
+
+    backend: str = "native"
+    """``native`` (our Ulysses/Ring on torch.distributed) or ``xfuser`` (optional, GPU, extra [xdit])."""
+    kernel: str = "sdpa"
+    """Local kernel: ``sdpa`` (torch) or ``flash`` (flash-attn, when installed)."""
+
+
+@dataclass
+class OutputConfig:
+    """Where and how the video is written."""
+
+    path: str = "outputs/out.mp4"
+    """Output mp4 path (``output=PATH.mp4`` on the command line sets this)."""
+    fps: int = 25
+    """Frame rate written."""
+    crf: int = 18
+    """libx264 constant rate factor."""
+    preset: str = "medium"
+    """libx264 preset."""
+
+
+@dataclass
+class BatchConfig:
+    """Batch manifests (``batch=PATH`` sets ``batch.manifest``)."""
+
+    manifest: Optional[str] = None
+    """CSV (official columns videoid,image,audio,prompt,fps) or JSON Lines manifest."""
+    on_error: str = "stop"
+    """``stop`` at the first bad row, or ``skip`` it and list it in the summary."""
+    shard_index: Optional[int] = None
+    """This job's shard of the manifest (default: SLURM_ARRAY_TASK_ID when set)."""
+    shard_count: Optional[int] = None
+    """Number of shards (default: SLURM_ARRAY_TASK_COUNT when set)."""
+
+
+@dataclass
+class RunConfig:
+    """The whole run. Top-level fields are the command-line contract."""
+
+    model: ModelConfig = MISSING
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    long: LongConfig = field(default_factory=LongConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+
+    image: Optional[str] = None
+    """Portrait image path."""
+    prompt: str = "A person is speaking to the camera."
+    """Scene description."""
+    weights: str = "weights"
+    """Weights folder in the official layout (holds ckpts/...)."""
+    seed: int = 128
+    """Seed of every random draw (noise, reference-latent sample)."""
+    overwrite: bool = False
+    """Replace an existing output."""
+    save_intermediates: bool = False
+    """Save the denoise inputs (noise, text states, audio features, reference latents, face mask) beside the
+    output."""
+    output_dir: Optional[str] = None
+    """Batch mode: folder of <videoid>.mp4 outputs and the resume state."""
+    device: str = "auto"
+    """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
+    dtype: str = "auto"
+    """DiT weight dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp16``, ``fp32``."""
+    fp8: bool = False
+    """Load the fp8 checkpoint (mp_rank_00_model_states_fp8.pt + _map.pt); weights stay fp8 in memory."""
+    load_key: str = "module"
+    """State-dict key inside the official .pt (``module`` or ``ema``)."""
+    checkpoint_every: int = 5
+    """Save the latents of the job in progress every N steps (0: never)."""

@@ -1,0 +1,111 @@
+"""Who does what: the pipeline's view of the parallel plan.
+
+``Topology`` is built once from the ``ParallelPlan`` (``launch/generate.py``) and handed to every stage. It holds the
+process groups of the data and CFG axes, the sequence-parallel boundary object for the model, and the few
+exchanges the pipeline needs. With one process every group is None and every exchange is the identity.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from avatar.parallel.base import LocalSequence
+
+
+@dataclass
+class Topology:
+    rank: int = 0
+    world: int = 1
+    data_rank: int = 0
+    data_size: int = 1
+    data_group: object = None
+    cfg_rank: int = 0
+    cfg_size: int = 1
+    cfg_group: object = None
+    seq: object = field(default_factory=LocalSequence)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    # --- exchanges -------------------------------------------------------------------------------------------------
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Send a picklable object (tensors included) from global rank ``src`` to every rank."""
+        if not self.distributed:
+            return obj
+        if self.rank == src:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+            size = torch.tensor([payload.numel()], dtype=torch.int64)
+        else:
+            size = torch.zeros(1, dtype=torch.int64)
+        size = size.to(self._comm_device())
+        dist.broadcast(size, src)
+        if self.rank != src:
+            payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        payload = payload.to(self._comm_device())
+        dist.broadcast(payload, src)
+        if self.rank == src:
+            return obj
+        return torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), weights_only=False)
+
+    def all_gather_cfg(self, branch: torch.Tensor) -> torch.Tensor:
+        """CFG-parallel: each half holds one branch ``[1, ...]``; return ``[2, ...]`` ordered (uncond, cond)."""
+        if self.cfg_size == 1:
+            return branch
+        parts = [torch.empty_like(branch) for _ in range(self.cfg_size)]
+        dist.all_gather(parts, branch.contiguous(), group=self.cfg_group)
+        return torch.cat(parts, dim=0)
+
+    def all_gather_data(self, items: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Data-parallel: every group contributes the results of its own windows (``index -> tensor``); every rank
+        gets all of them. Sent as one pickled payload per group (windows of one step share a shape)."""
+        if self.data_size == 1:
+            return dict(items)
+        local = pickle.dumps({k: v.cpu() for k, v in items.items()})
+        objects: list = [None] * self.data_size
+        dist.all_gather_object(objects, local, group=self.data_group)
+        merged: dict[int, torch.Tensor] = {}
+        for blob in objects:
+            for key, value in pickle.loads(blob).items():
+                merged[key] = value.to(self.device)
+        return merged
+
+    def gather_to_main(self, obj):
+        """Every rank sends ``obj``; rank 0 gets the list in rank order, the others None."""
+        if not self.distributed:
+            return [obj]
+        objects: list = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, objects, dst=0)
+        return objects
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_max(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
+
+    def _comm_device(self) -> torch.device:
+        backend = dist.get_backend() if dist.is_initialized() else "gloo"
+        return self.device if "nccl" in str(backend) else torch.device("cpu")
+
+    def owns(self, index: int) -> bool:
+        """Data-parallel ownership of window/segment/row ``index`` (round-robin over the data groups)."""
+        return index % self.data_size == self.data_rank

@@ -1,0 +1,119 @@
+"""Entry point: ``python -m launch.generate [overrides]``, ``torchrun ... -m launch.generate``, ``avatar-generate``.
+
+One plain process needs no process group; under torchrun every rank composes the same config, validates the same
+inputs, and builds the same plan. Bad input ends here with a one-line error and exit code 2, before any model is
+built.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from avatar.config import RunConfig
+from avatar.io.errors import EXIT_BAD_INPUT, InputError
+from launch.config import compose
+from launch.log import setup_logging
+
+log = logging.getLogger("launch.generate")
+
+
+def single_job(cfg: RunConfig):
+    from avatar.pipeline.run import Job
+
+    missing = [name for name, value in (("image", cfg.image), ("audio", cfg.audio.path)) if not value]
+    if missing:
+        raise InputError(f"missing {' and '.join(missing)}: give image=PATH audio=PATH (or batch=MANIFEST output_dir=DIR)")
+    return Job(
+        image=cfg.image,
+        audio=cfg.audio.path,
+        prompt=cfg.prompt,
+        output=cfg.output.path,
+        seed=cfg.seed,
+        steps=cfg.sampling.steps,
+        strategy=cfg.long.strategy,
+        videoid=Path(cfg.output.path).stem,
+    )
+
+
+def validate_job(cfg: RunConfig, job) -> None:
+    """Everything about one job that can be checked without a model."""
+    from avatar.io.audio import load_audio
+    from avatar.io.image import load_image
+    from avatar.io.validate import check_output_path, check_steps
+
+    check_steps(job.steps)
+    load_image(job.image)
+    load_audio(job.audio, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds)
+    check_output_path(job.output, cfg.overwrite)
+
+
+def validate_weights(cfg: RunConfig) -> None:
+    from avatar.weights.verify import verify_weights
+
+    problems = verify_weights(cfg.weights, cfg.model, fp8=cfg.fp8, load_key=cfg.load_key)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; … {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise InputError(
+            f"weights={cfg.weights} does not match model={cfg.model.name} ({len(problems)} problems: {shown}); "
+            f"run `python -m launch.weights verify {cfg.weights} model={cfg.model.name}` for the full report"
+        )
+
+
+def prepare(argv: list[str] | None) -> tuple[RunConfig, list]:
+    """Compose and validate; raises InputError (exit 2) before anything is built."""
+    cfg = compose(argv)
+    if cfg.batch.manifest:
+        from launch.batch import prepare_batch
+
+        jobs = prepare_batch(cfg)
+    else:
+        job = single_job(cfg)
+        validate_job(cfg, job)
+        jobs = [job]
+    validate_weights(cfg)
+    return cfg, jobs
+
+
+def run_from_config(cfg: RunConfig, jobs: list) -> int:
+    """Initialise the process group, build the plan and render the jobs; always tear the group down."""
+    from launch.dist import destroy, init_distributed
+
+    env = init_distributed(cfg.device)
+    setup_logging(env.rank)
+    try:
+        from launch.topology import build_topology
+
+        topo = build_topology(cfg, env)
+        from avatar.pipeline.run import Renderer
+
+        renderer = Renderer(cfg, topo)
+        if cfg.batch.manifest:
+            from launch.batch import run_batch
+
+            return run_batch(cfg, jobs, renderer, topo)
+        renderer.render(jobs[0])
+        return 0
+    finally:
+        destroy()
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    from launch.dist import peek_rank
+
+    setup_logging(peek_rank())
+    try:
+        cfg, jobs = prepare(argv)
+    except InputError as err:
+        if peek_rank() == 0:
+            sys.stderr.write(f"error: {err}\n")
+        return EXIT_BAD_INPUT
+    return run_from_config(cfg, jobs)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
