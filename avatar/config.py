@@ -239,9 +239,9 @@ class BatchConfig:
     on_error: str = "stop"
     """``stop`` at the first bad row, or ``skip`` it and list it in the summary."""
     shard_index: Optional[int] = None
-    """This job's shard of the manifest (default: SLURM_ARRAY_TASK_ID when set)."""
+    """This job's shard of the manifest, 0-based (``launch/slurm/array.sbatch`` sets it from SLURM_ARRAY_TASK_ID)."""
     shard_count: Optional[int] = None
-    """Number of shards (default: SLURM_ARRAY_TASK_COUNT when set)."""
+    """Number of shards (``array.sbatch``: SLURM_ARRAY_TASK_COUNT)."""
 
 
 @dataclass

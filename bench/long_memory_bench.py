@@ -35,9 +35,17 @@ def make_audio(seconds: float, folder: Path) -> Path:
 
 def render(weights: Path, audio: Path, output: Path, steps: int) -> dict:
     cmd = [
-        sys.executable, "-m", "launch.generate", "model=tiny", f"weights={weights}",
-        f"image={ROOT / 'examples' / 'portrait.jpg'}", f"audio={audio}", f"output={output}",
-        f"sampling.steps={steps}", "long.strategy=segments", "overwrite=true",
+        sys.executable,
+        "-m",
+        "launch.generate",
+        "model=tiny",
+        f"weights={weights}",
+        f"image={ROOT / 'examples' / 'portrait.jpg'}",
+        f"audio={audio}",
+        f"output={output}",
+        f"sampling.steps={steps}",
+        "long.strategy=segments",
+        "overwrite=true",
     ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), HF_HUB_OFFLINE="1")
     start = time.perf_counter()

@@ -26,7 +26,9 @@ def single_job(cfg: RunConfig):
 
     missing = [name for name, value in (("image", cfg.image), ("audio", cfg.audio.path)) if not value]
     if missing:
-        raise InputError(f"missing {' and '.join(missing)}: give image=PATH audio=PATH (or batch=MANIFEST output_dir=DIR)")
+        raise InputError(
+            f"missing {' and '.join(missing)}: give image=PATH audio=PATH (or batch=MANIFEST output_dir=DIR)"
+        )
     return Job(
         image=cfg.image,
         audio=cfg.audio.path,
@@ -39,7 +41,7 @@ def single_job(cfg: RunConfig):
     )
 
 
-def validate_job(cfg: RunConfig, job) -> None:
+def validate_job(cfg: RunConfig, job, overwrite: bool | None = None) -> None:
     """Everything about one job that can be checked without a model."""
     from avatar.io.audio import load_audio
     from avatar.io.image import load_image
@@ -48,7 +50,7 @@ def validate_job(cfg: RunConfig, job) -> None:
     check_steps(job.steps)
     load_image(job.image)
     load_audio(job.audio, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds)
-    check_output_path(job.output, cfg.overwrite)
+    check_output_path(job.output, cfg.overwrite if overwrite is None else overwrite)
 
 
 def validate_weights(cfg: RunConfig) -> None:
@@ -63,9 +65,13 @@ def validate_weights(cfg: RunConfig) -> None:
         )
 
 
-def prepare(argv: list[str] | None) -> tuple[RunConfig, list]:
-    """Compose and validate; raises InputError (exit 2) before anything is built."""
-    cfg = compose(argv)
+def prepare_jobs(cfg: RunConfig):
+    """Validate a composed config: the plan for this launch's world size, the jobs and the weights. Raises
+    InputError (exit 2) before anything is built. Returns the single job's list or the batch."""
+    from launch.dist import read_env
+    from launch.topology import resolve_plan
+
+    resolve_plan(cfg, read_env()[1])
     if cfg.batch.manifest:
         from launch.batch import prepare_batch
 
@@ -75,29 +81,55 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, list]:
         validate_job(cfg, job)
         jobs = [job]
     validate_weights(cfg)
-    return cfg, jobs
+    return jobs
 
 
-def run_from_config(cfg: RunConfig, jobs: list) -> int:
-    """Initialise the process group, build the plan and render the jobs; always tear the group down."""
+def prepare(argv: list[str] | None) -> tuple[RunConfig, object]:
+    """Compose and validate; raises InputError (exit 2) before anything is built."""
+    cfg = compose(argv)
+    return cfg, prepare_jobs(cfg)
+
+
+def run_from_config(cfg: RunConfig, jobs) -> int:
+    """Initialise the process group, build the plan and render the jobs; always tear the group down. A preemption
+    (SIGTERM/SIGUSR1) saves a checkpoint and returns ``EXIT_PREEMPTED``; the same command resumes."""
+    from avatar.pipeline.resume import Preempted
+    from avatar.pipeline.state import StateStore, single_state_dir
     from launch.dist import destroy, init_distributed
+    from launch.signals import EXIT_PREEMPTED, PreemptionHandler, record_preemption, requeue_if_slurm
 
     env = init_distributed(cfg.device)
     setup_logging(env.rank)
+    handler = PreemptionHandler().install()
     try:
         from launch.topology import build_topology
 
-        topo = build_topology(cfg, env)
+        job_topo, rows_topo = build_topology(cfg, env)
         from avatar.pipeline.run import Renderer
 
-        renderer = Renderer(cfg, topo)
-        if cfg.batch.manifest:
-            from launch.batch import run_batch
+        try:
+            if cfg.batch.manifest:
+                from launch.batch import run_batch
 
-            return run_batch(cfg, jobs, renderer, topo)
-        renderer.render(jobs[0])
-        return 0
+                renderer = Renderer(cfg, rows_topo)
+                return run_batch(cfg, jobs, renderer, job_topo, rows_topo, handler)
+            renderer = Renderer(cfg, job_topo)
+            job = jobs[0]
+            state = StateStore(single_state_dir(job.output))
+            renderer.render(job, state=state, preemption=handler)
+            if env.is_main:
+                import shutil
+
+                shutil.rmtree(single_state_dir(job.output), ignore_errors=True)
+            return 0
+        except Preempted as stop:
+            if env.is_main:
+                log.warning("stopped after step %d with a checkpoint; run the same command to resume", stop.step)
+                record_preemption()
+                requeue_if_slurm()
+            return EXIT_PREEMPTED
     finally:
+        handler.uninstall()
         destroy()
 
 

@@ -1,7 +1,7 @@
 """Weights tools.
 
-    python -m launch.weights make-tiny DIR [seed=N]     deterministic random weights for model=tiny, official layout
-    python -m launch.weights verify DIR [model=NAME] [fp8=true]   check a folder; every problem listed; exit 1 if any
+python -m launch.weights make-tiny DIR [seed=N]     deterministic random weights for model=tiny, official layout
+python -m launch.weights verify DIR [model=NAME] [fp8=true]   check a folder; every problem listed; exit 1 if any
 """
 
 from __future__ import annotations

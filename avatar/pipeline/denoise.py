@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from avatar.config import LongConfig, ModelConfig, SamplingConfig
+from avatar.config import ModelConfig, SamplingConfig
 from avatar.pipeline import schedule as sched
 from avatar.pipeline import windows as win
 from avatar.pipeline.topology import Topology
@@ -65,6 +65,7 @@ class DenoiseStats:
     model_calls: int = 0
     cached_calls: int = 0
     cache: str = "off"
+    resumed_from_step: int | None = None
     windows: list[dict] = field(default_factory=list)
 
 
@@ -99,9 +100,7 @@ class GuidedVelocity:
             return [self.topo.cfg_rank]
         return [0, 1]
 
-    def __call__(
-        self, x: torch.Tensor, t: float, step: int, audio: torch.Tensor, cache_key
-    ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: float, step: int, audio: torch.Tensor, cache_key) -> torch.Tensor:
         """x ``[1, C, T, h, w]``; audio ``[4T-3, window, layers, channels]``. Returns the guided velocity (fp32)."""
         c = self.cond
         phase = sched.cfg_phase(step, self.sampling)
@@ -194,7 +193,7 @@ def denoise_shift(
     if fidelity == "official":
         x = x.to(torch.float16).float()
     single = infer_length == window
-    for step in _steps(start_step, sampling.steps, topo):
+    for step in steps_range(start_step, sampling.steps, topo):
         if single:
             groups = [list(range(window))]
         else:
@@ -237,10 +236,10 @@ def denoise_blend(
     window = win.latents_for_frames(arch.window_frames, arch.vae_temporal_ratio)
     num_latents = noise.shape[2]
     windows = win.plan_windows(num_latents, window, overlap)
-    weights = window_weights([(w.start, min(w.start + window, num_latents)) for w in windows])
+    weights = win.window_weights(windows, num_latents)
     sigmas, timesteps = sched.flow_timesteps(sampling.steps, sampling.shift)
     x = noise.clone() if latents is None else latents.clone()
-    for step in _steps(start_step, sampling.steps, topo):
+    for step in steps_range(start_step, sampling.steps, topo):
         mine = {}
         for index, w in enumerate(windows):
             if not topo.owns(index):
@@ -260,6 +259,28 @@ def denoise_blend(
     return x
 
 
+class WindowStepper:
+    """One window (a ``segments`` segment) stepped on its own: ``stepper(x, step)`` is one guided Euler step."""
+
+    def __init__(
+        self,
+        velocity: GuidedVelocity,
+        cond: Conditioning,
+        sampling: SamplingConfig,
+        start_latent: int,
+        window: int,
+        key,
+    ) -> None:
+        self.velocity = velocity
+        self.sigmas, self.timesteps = sched.flow_timesteps(sampling.steps, sampling.shift)
+        self.audio = window_audio(cond.audio_feats, start_latent, window, None)
+        self.key = key
+
+    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        v = self.velocity(x, float(self.timesteps[step]), step, self.audio, cache_key=self.key)
+        return sched.euler_step(x, v, float(self.sigmas[step]), float(self.sigmas[step + 1]))
+
+
 def denoise_window_to_end(
     velocity: GuidedVelocity,
     noise: torch.Tensor,
@@ -267,46 +288,14 @@ def denoise_window_to_end(
     sampling: SamplingConfig,
     start_latent: int,
     key,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
     start_step: int = 0,
-    latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One window (a `segments` segment) denoised from its own noise to the end, independently of the others."""
-    window = noise.shape[2]
-    sigmas, timesteps = sched.flow_timesteps(sampling.steps, sampling.shift)
-    x = noise.clone() if latents is None else latents.clone()
-    audio = window_audio(cond.audio_feats, start_latent, window, None)
+    """One window denoised from ``noise`` (or latents after ``start_step`` steps) to the end, on its own."""
+    stepper = WindowStepper(velocity, cond, sampling, start_latent, noise.shape[2], key)
+    x = noise.clone()
     for step in range(start_step, sampling.steps):
-        v = velocity(x, float(timesteps[step]), step, audio, cache_key=key)
-        x = sched.euler_step(x, v, float(sigmas[step]), float(sigmas[step + 1]))
-        if on_step is not None:
-            on_step(step, x)
+        x = stepper(x, step)
     return x
-
-
-def window_weights(spans: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Per-window blend weights over each window's in-range frames: raised-cosine ramps where a window overlaps its
-    neighbours, normalised so the weights of all windows sum to exactly 1 on every frame."""
-    profiles = []
-    for i, (start, stop) in enumerate(spans):
-        p = torch.ones(stop - start, dtype=torch.float64)
-        left = spans[i - 1][1] - start if i > 0 else 0
-        right = stop - spans[i + 1][0] if i + 1 < len(spans) else 0
-        if left > 0:
-            p[:left] = _ramp(left)
-        if right > 0:
-            p[stop - start - right :] = torch.minimum(p[stop - start - right :], _ramp(right).flip(0))
-        profiles.append(p)
-    total = torch.zeros(max(stop for _, stop in spans), dtype=torch.float64)
-    for (start, stop), p in zip(spans, profiles):
-        total[start:stop] += p
-    return [(p / total[start:stop]).float() for (start, stop), p in zip(spans, profiles)]
-
-
-def _ramp(n: int) -> torch.Tensor:
-    """n weights rising strictly between 0 and 1 (raised cosine), e.g. n=1 -> [0.5]."""
-    k = torch.arange(1, n + 1, dtype=torch.float64)
-    return 0.5 - 0.5 * torch.cos(torch.pi * k / (n + 1))
 
 
 def _take(x: torch.Tensor, start: int, length: int) -> torch.Tensor:
@@ -318,5 +307,6 @@ def _take(x: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return part
 
 
-def _steps(start: int, total: int, topo: Topology):
-    return progress(range(start, total), total=total - start, desc="denoise", rank=topo.rank)
+def steps_range(start: int, total: int, topo: Topology):
+    """Steps ``start..total-1`` with a progress bar on the group's rank 0."""
+    return progress(range(start, total), total=total - start, desc="denoise", rank=topo.leader + topo.rank)

@@ -8,7 +8,6 @@ ranks by temporal tiles and rank 0 assembles and streams the frames into ffmpeg.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,8 @@ from avatar.config import RunConfig
 from avatar.io.errors import InputError
 from avatar.pipeline import denoise as dn
 from avatar.pipeline import windows as win
+from avatar.pipeline.resume import Resume, job_state
+from avatar.pipeline.state import file_sha256
 from avatar.pipeline.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,6 @@ class StageTimer:
                 timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
 
         return _Ctx()
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def peak_host_memory_mb() -> float:
@@ -150,15 +143,18 @@ class Renderer:
         with self.timer("load_dit"):
             from avatar.weights.load import load_dit
 
-            self.model = load_dit(weights, cfg.model, dtype=self.dtype, device=self.device, fp8=cfg.fp8, load_key=cfg.load_key)
+            self.model = load_dit(
+                weights, cfg.model, dtype=self.dtype, device=self.device, fp8=cfg.fp8, load_key=cfg.load_key
+            )
             self.model.set_sequence_parallel(topo.seq)
             self.model.eval()
         with self.timer("load_vae"):
             from avatar.config import OFFICIAL_VAE_DIR
-            from avatar.models.vae import load_vae
+            from avatar.models.vae import configure_tiling, load_vae
 
             vae_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
             self.vae = load_vae(weights / OFFICIAL_VAE_DIR, dtype=vae_dtype, device=self.device)
+            configure_tiling(self.vae, cfg.model)
         self._encoders = None
         self.host_peak_after_load_mb = peak_host_memory_mb()
 
@@ -166,7 +162,12 @@ class Renderer:
 
     def encoders(self):
         if self._encoders is None:
-            from avatar.config import OFFICIAL_CLIP_DIR, OFFICIAL_FACE_DETECTOR, OFFICIAL_LLAVA_DIR, OFFICIAL_WHISPER_DIR
+            from avatar.config import (
+                OFFICIAL_CLIP_DIR,
+                OFFICIAL_FACE_DETECTOR,
+                OFFICIAL_LLAVA_DIR,
+                OFFICIAL_WHISPER_DIR,
+            )
             from avatar.models.audio import AudioFeatureEncoder
             from avatar.models.face import FaceDetector
             from avatar.models.text import TextEncoder
@@ -175,9 +176,21 @@ class Renderer:
             text_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
             with self.timer("load_encoders"):
                 self._encoders = dict(
-                    audio=AudioFeatureEncoder(weights / OFFICIAL_WHISPER_DIR, device=self.device),
-                    face=FaceDetector(self.cfg.model.face_detector, weights / OFFICIAL_FACE_DETECTOR, device=self.device),
-                    text=TextEncoder(weights / OFFICIAL_LLAVA_DIR, weights / OFFICIAL_CLIP_DIR, self.cfg.model, dtype=text_dtype, device=self.device),
+                    audio=AudioFeatureEncoder(
+                        weights / OFFICIAL_WHISPER_DIR,
+                        device=self.device,
+                        context_seconds=self.cfg.audio.context_seconds,
+                    ),
+                    face=FaceDetector(
+                        self.cfg.model.face_detector, weights / OFFICIAL_FACE_DETECTOR, device=self.device
+                    ),
+                    text=TextEncoder(
+                        weights / OFFICIAL_LLAVA_DIR,
+                        weights / OFFICIAL_CLIP_DIR,
+                        self.cfg.model,
+                        dtype=text_dtype,
+                        device=self.device,
+                    ),
                 )
         return self._encoders
 
@@ -192,13 +205,13 @@ class Renderer:
 
     def _encode(self, job: Job, inputs: Inputs) -> dn.Conditioning:
         from avatar.models.face import face_mask
-        from avatar.models.vae import encode_reference
+        from avatar.models.vae import encode_reference, reference_pixels
 
         cfg, enc = self.cfg, self.encoders()
         h_lat = inputs.height // cfg.model.vae_spatial_ratio
         w_lat = inputs.width // cfg.model.vae_spatial_ratio
         with self.timer("audio_features"):
-            audio_feats = enc["audio"].features(inputs.wav, inputs.num_frames, cfg.model, cfg.audio)
+            audio_feats = enc["audio"].features(inputs.wav, inputs.num_frames, window=cfg.model.audio_window)
         with self.timer("face_mask"):
             boxes = enc["face"].detect(inputs.image)
             mask = face_mask((inputs.width, inputs.height), boxes, (h_lat, w_lat))
@@ -207,10 +220,11 @@ class Renderer:
             pos = enc["text"].encode(prompt, inputs.image)
             neg = enc["text"].encode(cfg.sampling.negative_prompt, inputs.image)
         with self.timer("reference_latents"):
-            pixels = torch.from_numpy(np.asarray(inputs.image, dtype=np.float32)).permute(2, 0, 1)
-            pixels = (pixels / 127.5 - 1.0)[None, :, None].repeat(1, 1, cfg.model.window_frames, 1, 1)
-            generator = torch.Generator(device="cpu").manual_seed(job.seed + 1) if cfg.sampling.reference_sample else None
-            ref = encode_reference(self.vae, pixels.to(self.device), cfg.model.vae_scaling_factor, generator)
+            pixels = reference_pixels(inputs.image, cfg.model.window_frames)
+            generator = (
+                torch.Generator(device="cpu").manual_seed(job.seed + 1) if cfg.sampling.reference_sample else None
+            )
+            ref = encode_reference(self.vae, pixels, generator)
         return dn.Conditioning(
             audio_feats=audio_feats.float().cpu(),
             face_mask=mask.float().cpu(),
@@ -226,8 +240,12 @@ class Renderer:
 
     # --- the whole job -----------------------------------------------------------------------------------------------
 
-    def render(self, job: Job, state=None, stop_requested=None) -> dict:
-        """Render one job to ``job.output`` (rank 0 writes). Returns the run report (rank 0) or {}."""
+    def render(self, job: Job, state=None, preemption=None) -> dict:
+        """Render one job to ``job.output`` (the group's rank 0 writes). Returns the run report (rank 0) or {}.
+
+        ``state``: a ``StateStore`` for resume (step checkpoints, finished segments, done marks). ``preemption``:
+        a ``PreemptionHandler``; once any rank of the group has received its signal, every rank finishes the current
+        step, rank 0 saves a checkpoint, and ``Preempted`` is raised on every rank."""
         cfg, topo = self.cfg, self.topo
         start = time.perf_counter()
         self.timer = StageTimer()
@@ -251,30 +269,63 @@ class Renderer:
         stats.num_latents, stats.infer_length = kept, infer_length
         use_cache = self._cache_allowed(sampling, strategy, infer_length)
         stats.cache = "on" if use_cache else "off"
-        velocity = dn.GuidedVelocity(self.model, cond.to(self.device), sampling, cfg.model, topo, self.dtype, use_cache, stats)
-        noise = dn.make_noise((1, cfg.model.latent_channels, num_latents_noise, h_lat, w_lat), job.seed).to(self.device)
+        cond_dev = cond.to(self.device)
+        velocity = dn.GuidedVelocity(self.model, cond_dev, sampling, cfg.model, topo, self.dtype, use_cache, stats)
+        noise = dn.make_noise((1, cfg.model.latent_channels, num_latents_noise, h_lat, w_lat), job.seed).to(
+            self.device
+        )
         if cfg.save_intermediates and topo.is_main:
             self._save_intermediates(job, cond, noise)
-        tmp_dir = Path(job.output).parent
+        key = job_state(config_dict(cfg), job)[0] if state is not None else None
+        resume = Resume(topo, state, key, strategy, preemption, velocity.cached, sampling.steps, cfg.checkpoint_every)
         from avatar.io.video import VideoWriter
 
         writer = None
         if topo.is_main:
-            writer = VideoWriter(job.output, cfg.output.fps, inputs.width, inputs.height, audio_path=job.audio, crf=cfg.output.crf, preset=cfg.output.preset)
+            writer = VideoWriter(
+                job.output,
+                cfg.output.fps,
+                inputs.width,
+                inputs.height,
+                audio_path=job.audio,
+                crf=cfg.output.crf,
+                preset=cfg.output.preset,
+            )
+        log.info(
+            "denoising %d latent frames (%s, %d steps, cache %s) for %s",
+            infer_length,
+            strategy,
+            sampling.steps,
+            stats.cache,
+            job.output,
+        )
         seams = None
         try:
             with torch.inference_mode():
                 if strategy == "segments":
-                    seams = self._render_segments(job, cond, noise, sampling, velocity, stats, writer, inputs)
+                    seams = self._render_segments(job, cond_dev, noise, sampling, velocity, writer, inputs, resume)
                 else:
+                    start_step, latents = resume.load(noise.shape)
                     with self.timer("denoise"):
-                        if strategy == "shift":
-                            latents = dn.denoise_shift(velocity, noise, cond.to(self.device), sampling, cfg.model, topo)
-                        else:
-                            latents = dn.denoise_blend(velocity, noise, cond.to(self.device), sampling, cfg.model, default_overlap(cfg), topo)
+                        denoise = dn.denoise_shift if strategy == "shift" else dn.denoise_blend
+                        extra = () if strategy == "shift" else (default_overlap(cfg),)
+                        latents = denoise(
+                            velocity,
+                            noise,
+                            cond_dev,
+                            sampling,
+                            cfg.model,
+                            *extra,
+                            topo,
+                            on_step=resume.on_step,
+                            start_step=start_step,
+                            latents=latents,
+                        )
                     latents = latents[:, :, :kept]
                     with self.timer("decode_write"):
-                        seams = self._decode_to_writer(latents, inputs.num_frames, writer, boundaries=self._boundaries(strategy, kept, cfg))
+                        seams = self._decode_to_writer(
+                            latents, inputs.num_frames, writer, boundaries=self._boundaries(strategy, kept, cfg)
+                        )
             if writer is not None:
                 with self.timer("mux"):
                     writer.close()
@@ -283,13 +334,22 @@ class Renderer:
                 writer.abort()
             raise
         stats.windows = self._window_details(strategy, kept, infer_length, cfg)
+        stats.resumed_from_step = resume.resumed_from
         report = {}
         if topo.is_main:
             report = self._report(job, inputs, strategy, stats, seams, time.perf_counter() - start)
             from avatar.io.atomic import atomic_write_json
 
             atomic_write_json(job.output + ".json", report)
-            log.info("wrote %s (%d frames, %.1f s) in %.1f s", job.output, inputs.num_frames, inputs.num_frames / cfg.audio.fps, report["seconds_total"])
+            if state is not None:
+                state.mark_done(key, {"output": os.path.abspath(job.output), "seconds": report["seconds_total"]})
+            log.info(
+                "wrote %s (%d frames, %.1f s) in %.1f s",
+                job.output,
+                inputs.num_frames,
+                inputs.num_frames / cfg.audio.fps,
+                report["seconds_total"],
+            )
         topo.barrier()
         return report
 
@@ -297,10 +357,16 @@ class Renderer:
         if not sampling.cache:
             return False
         if strategy == "shift" and self.topo.data_size > 1:
-            log.info("sampler cache off: the shift strategy's per-frame cache is shared by all windows of a step, which data-parallel groups do not share")
+            log.info(
+                "sampler cache off: the shift strategy's per-frame cache is shared by all windows of a step, which data-parallel groups do not share"
+            )
             return False
         if infer_length > self.cfg.long.max_cache_frames:
-            log.info("sampler cache off: %d latent frames exceed long.max_cache_frames=%d", infer_length, self.cfg.long.max_cache_frames)
+            log.info(
+                "sampler cache off: %d latent frames exceed long.max_cache_frames=%d",
+                infer_length,
+                self.cfg.long.max_cache_frames,
+            )
             return False
         return True
 
@@ -317,11 +383,15 @@ class Renderer:
         window = window_latents(cfg)
         if strategy == "shift":
             return [{"start_latent": s, "latents": window, "circular": True} for s in range(0, infer_length, window)]
-        return [{"start_latent": w.start, "latents": window} for w in win.plan_windows(kept, window, default_overlap(cfg))]
+        return [
+            {"start_latent": w.start, "latents": window} for w in win.plan_windows(kept, window, default_overlap(cfg))
+        ]
 
     # --- decode -----------------------------------------------------------------------------------------------------
 
-    def _decode_to_writer(self, latents: torch.Tensor, num_frames: int, writer, boundaries: list[int], first_frame: int = 0):
+    def _decode_to_writer(
+        self, latents: torch.Tensor, num_frames: int, writer, boundaries: list[int], first_frame: int = 0
+    ):
         """Decode ``latents`` split over all ranks by temporal tiles; rank 0 streams uint8 frames into the writer.
         Returns the seam report (rank 0)."""
         from avatar.pipeline.seams import SeamMeter
@@ -339,32 +409,51 @@ class Renderer:
 
     # --- segments -----------------------------------------------------------------------------------------------------
 
-    def _render_segments(self, job, cond, noise, sampling, velocity, stats, writer, inputs, state=None, key=None):
-        """Overlapping segments, each denoised to the end on its own (spread over the data groups), decoded as soon as
-        its round is done and cross-faded into the stream; every finished stretch is also written as a playable
-        mp4 with its audio, listed in ``<output>.segments/manifest.json``."""
+    def _render_segments(self, job, cond, noise, sampling, velocity, writer, inputs, resume):
+        """Overlapping segments, each denoised to the end on its own (one per data group in each round), decoded as
+        soon as its round is done and cross-faded into the stream; every finished stretch is also written as a
+        playable mp4 with its audio, listed in ``<output>.segments/manifest.json``. Finished segments are kept in the
+        resume state; a preempted round is checkpointed at its step and continued from there."""
         from avatar.pipeline.segments import SegmentStreamer
 
         cfg, topo = self.cfg, self.topo
         window = window_latents(cfg)
         kept = win.latents_for_frames(inputs.num_frames, cfg.model.vae_temporal_ratio)
         segments = win.plan_windows(kept, window, default_overlap(cfg))
-        cond_dev = cond.to(self.device)
         streamer = SegmentStreamer(job.output, inputs, segments, window, cfg, enabled=topo.is_main)
+        finished = resume.finished_segments()
+        ckpt_step, ckpt = resume.load_round()
         num_rounds = -(-len(segments) // topo.data_size)
         for r in range(num_rounds):
-            mine = {}
-            for index in range(r * topo.data_size, min((r + 1) * topo.data_size, len(segments))):
-                if not topo.owns(index):
-                    continue
-                seg = segments[index]
+            indices = range(r * topo.data_size, min((r + 1) * topo.data_size, len(segments)))
+            results = resume.load_segments([i for i in indices if i in finished])
+            todo = [i for i in indices if i not in results]
+            if todo:
+                starts = {i: ckpt_step if i in ckpt else 0 for i in todo}
+                mine = {}
+                for i in todo:
+                    if topo.owns(i):
+                        resumed = ckpt.get(i)
+                        mine[i] = (
+                            resumed.to(self.device)
+                            if resumed is not None
+                            else dn._take(noise, segments[i].start, window)
+                        )
+                steppers = {
+                    i: dn.WindowStepper(velocity, cond, sampling, segments[i].start, window, key=("seg", i))
+                    for i in mine
+                }
                 with self.timer("denoise"):
-                    seg_noise = dn._take(noise, seg.start, window)
-                    mine[index] = dn.denoise_window_to_end(velocity, seg_noise, cond_dev, sampling, seg.start, key=("seg", index))
-            results = topo.all_gather_data(mine)
+                    for step in dn.steps_range(min(starts.values()), sampling.steps, topo):
+                        for i, stepper in steppers.items():
+                            if step >= starts[i]:
+                                mine[i] = stepper(mine[i], step)
+                        resume.on_round_step(step, mine)
+                results.update(topo.all_gather_data(mine))
+                resume.save_segments({i: results[i] for i in todo})
             for index in sorted(results):
                 seg = segments[index]
-                latents = results[index][:, :, : min(window, kept - seg.start)]
+                latents = results[index][:, :, : min(window, kept - seg.start)].to(self.device)
                 with self.timer("decode_write"):
                     for frames in self._decoded_uint8(latents):
                         if topo.is_main:
@@ -375,9 +464,10 @@ class Renderer:
 
     def _decoded_uint8(self, latents: torch.Tensor):
         """Decode split over all ranks; yields uint8 ``[n, H, W, 3]`` chunks on rank 0 (empty elsewhere)."""
-        from avatar.models.vae import distributed_decode_frames
+        from avatar.models.vae import to_vae_space
+        from avatar.pipeline.decode import distributed_decode_frames
 
-        for frames in distributed_decode_frames(self.vae, latents / self.cfg.model.vae_scaling_factor, self.cfg.model, self.topo):
+        for frames in distributed_decode_frames(self.vae, to_vae_space(self.vae, latents), self.topo):
             if self.topo.is_main:
                 yield to_uint8(frames)
 
@@ -389,8 +479,6 @@ class Renderer:
         atomic_torch_save({"noise": noise.cpu(), "seed": job.seed, **vars(cond)}, job.output + ".intermediates.pt")
 
     def _report(self, job: Job, inputs: Inputs, strategy: str, stats, seams, seconds: float) -> dict:
-        from launch.config import to_dict  # noqa: PLC0415  (the resolved config as plain data)
-
         import diffusers
         import transformers
 
@@ -405,8 +493,17 @@ class Renderer:
             "fps": self.cfg.audio.fps,
             "duration_seconds": inputs.num_frames / self.cfg.audio.fps,
             "resolution": [inputs.width, inputs.height],
-            "inputs": {"image": os.path.abspath(job.image), "audio": os.path.abspath(job.audio), "sha256": inputs.hashes},
-            "plan": {"world": self.topo.world, "data": self.topo.data_size, "cfg": self.topo.cfg_size, "sequence": getattr(self.topo.seq, "world", 1)},
+            "inputs": {
+                "image": os.path.abspath(job.image),
+                "audio": os.path.abspath(job.audio),
+                "sha256": inputs.hashes,
+            },
+            "plan": {
+                "world": self.topo.world,
+                "data": self.topo.data_size,
+                "cfg": self.topo.cfg_size,
+                "sequence": getattr(self.topo.seq, "world", 1),
+            },
             "denoise": asdict(stats),
             "seams": seams,
             "timings_seconds": {k: round(v, 3) for k, v in self.timer.seconds.items()},
@@ -418,8 +515,15 @@ class Renderer:
                 "diffusers": diffusers.__version__,
                 "transformers": transformers.__version__,
             },
-            "config": to_dict(self.cfg),
+            "config": config_dict(self.cfg),
         }
+
+
+def config_dict(cfg: RunConfig) -> dict:
+    """The resolved config as plain data."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:

@@ -36,7 +36,9 @@ class SegmentStreamer:
         ratio = cfg.model.vae_temporal_ratio
         total_latents = _num_latents_total(inputs.num_frames, ratio)
         # (first video frame, last video frame inclusive) of each segment
-        self.spans = [(ratio * s.start, ratio * (s.start + min(window, total_latents - s.start) - 1)) for s in segments]
+        self.spans = [
+            (ratio * s.start, ratio * (s.start + min(window, total_latents - s.start) - 1)) for s in segments
+        ]
         self.position: dict[int, int] = {}  # segment -> frames received so far
         self.tail: list[np.ndarray] = []  # previous segment's frames inside the current overlap (not yet emitted)
         self.tail_start = 0
@@ -112,7 +114,15 @@ class SegmentStreamer:
         sf.write(str(wav), self.inputs.wav[a0:a1], rate)
         path = self.folder / f"{name}.mp4"
         try:
-            with VideoWriter(str(path), cfg.output.fps, self.inputs.width, self.inputs.height, audio_path=str(wav), crf=cfg.output.crf, preset=cfg.output.preset) as seg_writer:
+            with VideoWriter(
+                str(path),
+                cfg.output.fps,
+                self.inputs.width,
+                self.inputs.height,
+                audio_path=str(wav),
+                crf=cfg.output.crf,
+                preset=cfg.output.preset,
+            ) as seg_writer:
                 seg_writer.write(frames)
         finally:
             wav.unlink(missing_ok=True)
@@ -126,7 +136,9 @@ class SegmentStreamer:
                 "duration_seconds": len(frames) / cfg.audio.fps,
             }
         )
-        atomic_write_json(self.folder / "manifest.json", {"fps": cfg.audio.fps, "complete": False, "segments": self.manifest})
+        atomic_write_json(
+            self.folder / "manifest.json", {"fps": cfg.audio.fps, "complete": False, "segments": self.manifest}
+        )
 
     def close(self):
         """All segments done: mark the manifest complete; return the seam report."""
@@ -134,7 +146,9 @@ class SegmentStreamer:
             return None
         from avatar.io.atomic import atomic_write_json
 
-        atomic_write_json(self.folder / "manifest.json", {"fps": self.cfg.audio.fps, "complete": True, "segments": self.manifest})
+        atomic_write_json(
+            self.folder / "manifest.json", {"fps": self.cfg.audio.fps, "complete": True, "segments": self.manifest}
+        )
         return self.meter.report()
 
 

@@ -29,6 +29,11 @@ class Topology:
     cfg_group: object = None
     seq: object = field(default_factory=LocalSequence)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    group: object = None
+    """Process group of the ranks rendering together (None: the whole world). In batch mode every data-parallel
+    group renders its own rows, and ``rank``/``world`` are this process's place in its group."""
+    leader: int = 0
+    """Global rank of the group's rank 0 (the one that encodes, writes files and saves checkpoints)."""
 
     @property
     def is_main(self) -> bool:
@@ -41,9 +46,10 @@ class Topology:
     # --- exchanges -------------------------------------------------------------------------------------------------
 
     def broadcast_object(self, obj, src: int = 0):
-        """Send a picklable object (tensors included) from global rank ``src`` to every rank."""
+        """Send a picklable object (tensors included) from rank ``src`` of the group to every rank of it."""
         if not self.distributed:
             return obj
+        src_global = self.leader + src  # the ranks of a group are contiguous
         if self.rank == src:
             buffer = io.BytesIO()
             torch.save(obj, buffer)
@@ -52,11 +58,11 @@ class Topology:
         else:
             size = torch.zeros(1, dtype=torch.int64)
         size = size.to(self._comm_device())
-        dist.broadcast(size, src)
+        dist.broadcast(size, src_global, group=self.group)
         if self.rank != src:
             payload = torch.empty(int(size.item()), dtype=torch.uint8)
         payload = payload.to(self._comm_device())
-        dist.broadcast(payload, src)
+        dist.broadcast(payload, src_global, group=self.group)
         if self.rank == src:
             return obj
         return torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), weights_only=False)
@@ -84,22 +90,22 @@ class Topology:
         return merged
 
     def gather_to_main(self, obj):
-        """Every rank sends ``obj``; rank 0 gets the list in rank order, the others None."""
+        """Every rank of the group sends ``obj``; its rank 0 gets the list in rank order, the others None."""
         if not self.distributed:
             return [obj]
         objects: list = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, objects, dst=0)
+        dist.gather_object(obj, objects, dst=self.leader, group=self.group)
         return objects
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def all_reduce_max(self, value: float) -> float:
         if not self.distributed:
             return value
         tensor = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return float(tensor.item())
 
     def _comm_device(self) -> torch.device:

@@ -36,11 +36,15 @@ def required_files(cfg: ModelConfig, fp8: bool = False) -> dict[str, list[str]]:
     return files
 
 
-def verify_weights(weights_dir: str | Path, cfg: ModelConfig, *, fp8: bool = False, load_key: str = "module") -> list[str]:
+def verify_weights(
+    weights_dir: str | Path, cfg: ModelConfig, *, fp8: bool = False, load_key: str = "module"
+) -> list[str]:
     """Every problem of the folder, one line each (empty: it matches ``cfg``)."""
     root = Path(weights_dir)
     if not root.is_dir():
-        return [f"weights folder {root} does not exist (download: huggingface-cli download tencent/HunyuanVideo-Avatar --local-dir {root}; tiny model: python -m launch.weights make-tiny {root})"]
+        return [
+            f"weights folder {root} does not exist (download: huggingface-cli download tencent/HunyuanVideo-Avatar --local-dir {root}; tiny model: python -m launch.weights make-tiny {root})"
+        ]
     problems = []
     for component, files in required_files(cfg, fp8).items():
         for rel in files:

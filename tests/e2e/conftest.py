@@ -35,7 +35,16 @@ def generate(*args: str, timeout: int = 300, nproc: int = 1) -> subprocess.Compl
     if nproc == 1:
         cmd = [sys.executable, "-m", "launch.generate", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "launch.generate", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "launch.generate",
+            *args,
+        ]
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 

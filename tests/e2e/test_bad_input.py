@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from launch import generate
-from tests.e2e.conftest import EXAMPLES, generate as run_generate, tiny_args
+from tests.e2e.conftest import EXAMPLES, tiny_args
+from tests.e2e.conftest import generate as run_generate
 
 
 @pytest.fixture
@@ -159,3 +160,9 @@ def test_exit_status_of_the_real_process(tmp_path, tiny_weights):
     assert proc.returncode == 2, proc.stderr
     assert "missing.wav" in proc.stderr
     assert not out.exists()
+
+
+def test_invalid_parallel_plan(capsys, tmp_path, tiny_weights, built):
+    code, errors = _run(capsys, tiny_args(tiny_weights, tmp_path / "o.mp4") + ["parallel.ulysses=2"])
+    assert code == 2 and "ulysses" in errors[0] and "world" in errors[0] and "4" in errors[0]
+    assert not (tmp_path / "o.mp4").exists()

@@ -1,0 +1,107 @@
+"""Optional xfuser (xDiT USP) backend, ``attention.backend=xfuser``: the sequence-parallel interface of
+``avatar/parallel/base.py`` with joint attention done by ``xFuserLongContextAttention``.
+
+Nothing else in the project imports xfuser or yunchang; both are imported lazily here. The backend needs CUDA and the
+``[xdit]`` extra (xfuser 0.7.0, yunchang 0.6.4). It does not run on a CPU torch (``import xfuser`` needs triton and
+an accelerator) and has no key masks, so it supports only frame counts divisible by the sequence-parallel world and
+text masks that keep the same leading tokens in every batch row. Our own backend, ``attention.backend=native``,
+has none of these limits.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from avatar.parallel.sequence import DistributedSequence
+
+logger = logging.getLogger(__name__)
+
+UNAVAILABLE = (
+    "attention.backend=xfuser cannot run here: {reason}. Use attention.backend=native (our Ulysses/Ring on "
+    "torch.distributed, works on CPU and GPU)"
+)
+
+
+def require_xfuser():
+    """Import what the backend needs or raise RuntimeError saying why and naming ``attention.backend=native``.
+    Returns ``(xFuserLongContextAttention, AttnType, xfuser.core.distributed)``."""
+    if torch.version.cuda is None and torch.version.hip is None:
+        raise RuntimeError(
+            UNAVAILABLE.format(reason="this torch is a CPU build and xfuser imports need triton and a GPU")
+        )
+    if not torch.cuda.is_available():
+        raise RuntimeError(UNAVAILABLE.format(reason="no CUDA device is available"))
+    try:
+        import yunchang.ring.utils as ring_utils
+
+        # xfuser 0.7.0 imports update_npu_out, which no released yunchang (<= 0.6.4) defines.
+        if not hasattr(ring_utils, "update_npu_out"):
+            ring_utils.update_npu_out = None
+        import xfuser.core.distributed as xdist
+        from xfuser.core.long_ctx_attention import xFuserLongContextAttention
+        from yunchang.kernels import AttnType
+    except ImportError as err:
+        raise RuntimeError(UNAVAILABLE.format(reason=f"{err} (install the extra: pip install -e .[xdit])")) from err
+    except (NotImplementedError, RuntimeError) as err:
+        raise RuntimeError(UNAVAILABLE.format(reason=f"importing xfuser failed: {err}")) from err
+    return xFuserLongContextAttention, AttnType, xdist
+
+
+class XfuserSequence(DistributedSequence):
+    """Frames are sharded as in ``DistributedSequence``; joint attention goes through xfuser's USP. xfuser builds
+    its own process groups (same rank layout as our mesh: ulysses innermost, then ring, cfg, data)."""
+
+    def __init__(
+        self, ring_group=None, ulysses_group=None, kernel: str = "sdpa", data_degree: int = 1, cfg_degree: int = 1
+    ) -> None:
+        long_context_attention, attn_type, xdist = require_xfuser()
+        super().__init__(ring_group=ring_group, ulysses_group=ulysses_group, kernel=kernel)
+        if not xdist.model_parallel_is_initialized():
+            xdist.init_distributed_environment(rank=dist.get_rank(), world_size=dist.get_world_size())
+            xdist.initialize_model_parallel(
+                data_parallel_degree=data_degree,
+                classifier_free_guidance_degree=cfg_degree,
+                sequence_parallel_degree=self.world,
+                ulysses_degree=self.ulysses_size,
+                ring_degree=self.ring_size,
+            )
+        self.attn = long_context_attention(attn_type=attn_type.FA if kernel == "flash" else attn_type.TORCH)
+
+    def __repr__(self) -> str:
+        return f"XfuserSequence(ring={self.ring_size}, ulysses={self.ulysses_size})"
+
+    def shard_frames(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
+        if num_frames % self.world != 0:
+            raise ValueError(
+                f"attention.backend=xfuser needs the frame count ({num_frames}) divisible by the sequence-parallel "
+                f"world ({self.world}); attention.backend=native pads and masks instead"
+            )
+        return super().shard_frames(x, num_frames, dim)
+
+    def joint_attention(self, img_q, img_k, img_v, txt_q, txt_k, txt_v, img_key_mask, txt_key_mask):
+        num_img = img_q.shape[1]
+        num_keys = txt_k.shape[1]
+        if txt_key_mask is not None:
+            mask = txt_key_mask.to(torch.bool)
+            counts = mask.sum(dim=1)
+            num_keys = int(counts[0])
+            prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < counts[:, None]
+            if not bool((counts == num_keys).all()) or not bool((mask == prefix).all()):
+                raise ValueError(
+                    "attention.backend=xfuser supports only text masks keeping the same leading tokens in every "
+                    "batch row; use attention.backend=native"
+                )
+        out = self.attn(
+            None,
+            img_q,
+            img_k,
+            img_v,
+            joint_tensor_query=txt_q,
+            joint_tensor_key=txt_k[:, :num_keys],
+            joint_tensor_value=txt_v[:, :num_keys],
+            joint_strategy="rear",
+        )
+        return out[:, :num_img], out[:, num_img:]

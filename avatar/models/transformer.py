@@ -1,0 +1,651 @@
+"""The HunyuanVideo-Avatar DiT (``HYVideoDiffusionTransformer`` of the official release) in the official key layout.
+
+One file holds the whole network (dossier §3): embedders, the text token refiner, 20 double-stream and 40
+single-stream blocks (at the official size), the per-frame audio adapters and the final layer. Every width and depth
+comes from ``ModelConfig``. The model never imports ``torch.distributed``: sequence parallelism happens at the
+boundaries of a ``seq`` object (``avatar/parallel/base.py``).
+
+Shapes: B batch, C latent channels, T latent frames, h/w latent size, F = (h/2)(w/2) tokens per frame,
+S image tokens ((T+1)·F, reference frame first; local shard under SP), L text tokens, D hidden size,
+H heads, Dh head dim, A audio tokens per video frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avatar.config import ModelConfig
+from avatar.parallel.base import LocalSequence
+
+#: Motion scalars embedded per sample (each to hidden_size // 4, concatenated to hidden_size).
+NUM_MOTION_SCALARS = 4
+#: Video frames per latent frame that the adapters group audio tokens by; frame 0 is padded this many times minus one.
+AUDIO_FRAMES_PER_LATENT = 4
+#: Default frame rate fed to fps_proj.
+DEFAULT_FPS = 25.0
+NORM_EPS = 1e-6
+
+
+@dataclass
+class CachedInput:
+    """Input of the last single block, full sequence: img ``[B, T+1, F, D]`` (frame 0 = reference), txt
+    ``[B, L, D]``."""
+
+    img: torch.Tensor
+    txt: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Primitives
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[N, dim]`` in fp32, cos half first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def gate(x: torch.Tensor, gate_values: torch.Tensor) -> torch.Tensor:
+    return x * gate_values.unsqueeze(1)
+
+
+def rope_table(cfg: ModelConfig, num_frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE ``(cos, sin)``, each ``[(num_frames+1)·height·width, head_dim]`` fp32, for a token grid of
+    ``num_frames`` video frames preceded by the reference frame at t = −1 (``height``/``width`` in tokens).
+
+    Per axis (t, h, w) with ``dim`` = cfg.rope_axes[i]: angle = pos · θ^(−2k/dim), k < dim/2, each angle repeated
+    twice (interleaved pairs); the three axes are concatenated."""
+    positions = (
+        torch.arange(-1, num_frames, dtype=torch.float32),
+        torch.arange(height, dtype=torch.float32),
+        torch.arange(width, dtype=torch.float32),
+    )
+    grid = torch.meshgrid(*positions, indexing="ij")
+    cos_parts, sin_parts = [], []
+    for axis_dim, axis_pos in zip(cfg.rope_axes, grid):
+        inv_freq = 1.0 / (
+            cfg.rope_theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float32)[: axis_dim // 2] / axis_dim)
+        )
+        angles = torch.outer(axis_pos.reshape(-1), inv_freq)
+        cos_parts.append(angles.cos().repeat_interleave(2, dim=1))
+        sin_parts.append(angles.sin().repeat_interleave(2, dim=1))
+    return torch.cat(cos_parts, dim=1), torch.cat(sin_parts, dim=1)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(a, b) adjacent pairs -> (−b, a)."""
+    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([-imag, real], dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, S, H, Dh]`` by tables ``[S, Dh]`` in fp32; returns x's dtype."""
+    xf = x.float()
+    out = xf * cos[None, :, None, :] + rotate_pairs(xf) * sin[None, :, None, :]
+    return out.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, normalised in fp32 then cast back, affine weight applied after."""
+
+    def __init__(self, dim: int, eps: float = NORM_EPS) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return normed * self.weight
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, activation: nn.Module) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = activation
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = patch; ``[B, C, T, h, w]`` -> ``[B, T·(h/ph)·(w/pw), D]``."""
+
+    def __init__(self, patch: list[int], in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, dim, kernel_size=tuple(patch), stride=tuple(patch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal frequency embedding -> Linear -> SiLU -> Linear (keys ``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, dim: int, freq_dim: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class MLPEmbedder(nn.Module):
+    """``vector_in``: Linear -> SiLU -> Linear."""
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, dim)
+        self.silu = nn.SiLU()
+        self.out_layer = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(self.silu(self.in_layer(x.to(self.in_layer.weight.dtype))))
+
+
+class TextProjection(nn.Module):
+    """``c_embedder``: Linear -> SiLU -> Linear."""
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act_1 = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act_1(self.linear_1(x)))
+
+
+class Modulation(nn.Module):
+    """SiLU -> Linear to ``factor`` chunks of width D (key ``linear``)."""
+
+    def __init__(self, dim: int, factor: int) -> None:
+        super().__init__()
+        self.act = nn.SiLU()
+        self.linear = nn.Linear(dim, factor * dim)
+
+    def forward(self, vec: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.act(vec))
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[B, S, 3·H·Dh]`` -> q, k, v each ``[B, S, H, Dh]``."""
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).unbind(2)
+    return q, k, v
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text token refiner (txt_in)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class RefinerBlock(nn.Module):
+    """Self-attention + SiLU MLP, both gated by ``adaLN_modulation(c)`` (gate_msa, gate_mlp); no qk-norm."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
+        self.self_attn_qkv = nn.Linear(dim, 3 * dim)
+        self.self_attn_proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
+        self.mlp = MLP(dim, mlp_hidden, nn.SiLU())
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        gate_msa, gate_mlp = self.adaLN_modulation(c).chunk(2, dim=-1)
+        q, k, v = split_heads(self.self_attn_qkv(self.norm1(x)), self.num_heads)
+        # A pairwise [B, 1, L, L] mask (not a key mask), so the attention facade does not apply here.
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=pair_mask
+        )
+        x = x + gate(self.self_attn_proj(attn.transpose(1, 2).flatten(2)), gate_msa)
+        x = x + gate(self.mlp(self.norm2(x)), gate_mlp)
+        return x
+
+
+class IndividualTokenRefiner(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, depth: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([RefinerBlock(dim, num_heads, mlp_hidden) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pair_mask = refiner_pair_mask(mask)
+        for block in self.blocks:
+            x = block(x, c, pair_mask)
+        return x
+
+
+def refiner_pair_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The official positional mask ``[B, 1, L, L]``: query i may see key j iff mask_i and mask_j, and every query
+    may see key 0."""
+    keep = mask.bool()
+    pair = keep[:, None, :, None] & keep[:, None, None, :]
+    pair[..., 0] = True
+    return pair
+
+
+class SingleTokenRefiner(nn.Module):
+    """``txt_in``: mean-pool the raw states over the mask, condition on t + pool, embed, refine."""
+
+    def __init__(self, in_dim: int, dim: int, num_heads: int, mlp_hidden: int, depth: int, freq_dim: int) -> None:
+        super().__init__()
+        self.input_embedder = nn.Linear(in_dim, dim)
+        self.t_embedder = TimestepEmbedder(dim, freq_dim)
+        self.c_embedder = TextProjection(in_dim, dim)
+        self.individual_token_refiner = IndividualTokenRefiner(dim, num_heads, mlp_hidden, depth)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        dtype = self.input_embedder.weight.dtype
+        mask_float = mask.float().unsqueeze(-1)
+        pooled = (x.float() * mask_float).sum(dim=1) / mask_float.sum(dim=1)
+        c = self.t_embedder(t) + self.c_embedder(pooled.to(dtype))
+        x = self.input_embedder(x.to(dtype))
+        return self.individual_token_refiner(x, c, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Audio: projection and per-frame adapters
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class AudioProjNet(nn.Module):
+    """``audio_proj``: each video frame's (window × layers × channels) Whisper features -> A tokens of width D."""
+
+    def __init__(self, in_dim: int, inner_dim: int, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.proj1 = nn.Linear(in_dim, inner_dim)
+        self.proj2 = nn.Linear(inner_dim, inner_dim)
+        self.proj3 = nn.Linear(inner_dim, num_tokens * dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """``[B, N, window, layers, channels]`` -> ``[B, N, A, D]``."""
+        x = audio.flatten(2).to(self.proj1.weight.dtype)
+        x = torch.relu(self.proj1(x))
+        x = torch.relu(self.proj2(x))
+        tokens = self.proj3(x).unflatten(-1, (self.num_tokens, -1))
+        return self.norm(tokens)
+
+
+class AudioAdapter(nn.Module):
+    """Single-head cross-attention per latent frame: video tokens (queries) attend to that frame's audio tokens."""
+
+    def __init__(self, dim: int, inner_dim: int) -> None:
+        super().__init__()
+        self.inner_dim = inner_dim
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner_dim, bias=False)
+        self.to_out = nn.Linear(inner_dim, dim, bias=False)
+
+    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        """audio ``[B, n, 4A, D]``, video ``[B, n, F, D]`` -> ``[B, n, F, D]`` (n frames, no mixing across them)."""
+        audio = self.norm1(audio)
+        video = self.norm2(video)
+        q = self.to_q(video)
+        k, v = self.to_kv(audio).chunk(2, dim=-1)
+        scale = 1 / math.sqrt(math.sqrt(self.inner_dim))  # dh^-1/4 on q and on k
+        weights = (q * scale) @ (k * scale).transpose(-2, -1)
+        weights = torch.softmax(weights.float(), dim=-1).to(weights.dtype)
+        return self.to_out(weights @ v)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DiT blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DoubleStreamBlock(nn.Module):
+    """MM-DiT block: separate image and text weights, joint attention over [img; txt]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        head_dim = dim // num_heads
+        self.num_heads = num_heads
+        self.img_mod = Modulation(dim, 6)
+        self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.img_attn_qkv = nn.Linear(dim, 3 * dim)
+        self.img_attn_q_norm = RMSNorm(head_dim)
+        self.img_attn_k_norm = RMSNorm(head_dim)
+        self.img_attn_proj = nn.Linear(dim, dim)
+        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.img_mlp = MLP(dim, mlp_hidden, nn.GELU(approximate="tanh"))
+        self.txt_mod = Modulation(dim, 6)
+        self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.txt_attn_qkv = nn.Linear(dim, 3 * dim)
+        self.txt_attn_q_norm = RMSNorm(head_dim)
+        self.txt_attn_k_norm = RMSNorm(head_dim)
+        self.txt_attn_proj = nn.Linear(dim, dim)
+        self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.txt_mlp = MLP(dim, mlp_hidden, nn.GELU(approximate="tanh"))
+
+    def forward(self, img, txt, vec, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask):
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec).chunk(6, dim=-1)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec).chunk(6, dim=-1)
+
+        img_q, img_k, img_v = split_heads(
+            self.img_attn_qkv(modulate(self.img_norm1(img), img_shift1, img_scale1)), self.num_heads
+        )
+        img_q = self.img_attn_q_norm(img_q).to(img_v.dtype)
+        img_k = self.img_attn_k_norm(img_k).to(img_v.dtype)
+        img_q = apply_rope(img_q, rope_cos, rope_sin)
+        img_k = apply_rope(img_k, rope_cos, rope_sin)
+
+        txt_q, txt_k, txt_v = split_heads(
+            self.txt_attn_qkv(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1)), self.num_heads
+        )
+        txt_q = self.txt_attn_q_norm(txt_q).to(txt_v.dtype)
+        txt_k = self.txt_attn_k_norm(txt_k).to(txt_v.dtype)
+
+        img_attn, txt_attn = seq.joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, img_key_mask, txt_key_mask)
+
+        img = img + gate(self.img_attn_proj(img_attn.flatten(2)), img_gate1)
+        img = img + gate(self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2)), img_gate2)
+        txt = txt + gate(self.txt_attn_proj(txt_attn.flatten(2)), txt_gate1)
+        txt = txt + gate(self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)), txt_gate2)
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP on x = [img; txt] with shared weights (linear1 = [q, k, v | mlp_in])."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        head_dim = dim // num_heads
+        self.dim = dim
+        self.num_heads = num_heads
+        self.mlp_hidden = mlp_hidden
+        self.linear1 = nn.Linear(dim, 3 * dim + mlp_hidden)
+        self.linear2 = nn.Linear(dim + mlp_hidden, dim)
+        self.q_norm = RMSNorm(head_dim)
+        self.k_norm = RMSNorm(head_dim)
+        self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(dim, 3)
+
+    def forward(self, x, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask):
+        shift, scale, gate_values = self.modulation(vec).chunk(3, dim=-1)
+        qkv, mlp_in = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
+            [3 * self.dim, self.mlp_hidden], dim=-1
+        )
+        q, k, v = split_heads(qkv, self.num_heads)
+        q = self.q_norm(q).to(v.dtype)
+        k = self.k_norm(k).to(v.dtype)
+        num_img = x.shape[1] - num_txt
+        img_q = apply_rope(q[:, :num_img], rope_cos, rope_sin)
+        img_k = apply_rope(k[:, :num_img], rope_cos, rope_sin)
+        img_attn, txt_attn = seq.joint_attention(
+            img_q, img_k, v[:, :num_img], q[:, num_img:], k[:, num_img:], v[:, num_img:], img_key_mask, txt_key_mask
+        )
+        attn = torch.cat([img_attn, txt_attn], dim=1).flatten(2)
+        return x + gate(self.linear2(torch.cat([attn, self.mlp_act(mlp_in)], dim=-1)), gate_values)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine) modulated by (shift, scale), then linear to one patch of latents per token."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        x = modulate(self.norm_final(x), shift, scale)
+        return self.linear(x.to(self.linear.weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class AvatarDiT(nn.Module):
+    """HunyuanVideo-Avatar DiT; ``state_dict()`` keys are the official ones (dossier §3.2)."""
+
+    #: Modules the official builds without its dtype, so they stay fp32 in a bf16 model.
+    _keep_in_fp32_modules = ("before_proj", "audio_proj", "audio_adapter_blocks", "final_layer.linear")
+
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__()
+        dim = cfg.hidden_size
+        if dim % cfg.num_heads or sum(cfg.rope_axes) != dim // cfg.num_heads:
+            raise ValueError(
+                f"hidden_size {dim} / num_heads {cfg.num_heads} must give head_dim = sum(rope_axes) {cfg.rope_axes}"
+            )
+        if cfg.depth_single < 1:
+            raise ValueError(
+                f"depth_single must be >= 1 (the last single block is the cache point), got {cfg.depth_single}"
+            )
+        if dim % NUM_MOTION_SCALARS:
+            raise ValueError(f"hidden_size {dim} must be divisible by {NUM_MOTION_SCALARS} (motion embedders)")
+        self.cfg = cfg
+        self.num_heads = cfg.num_heads
+        mlp_hidden = int(dim * cfg.mlp_ratio)
+        patch_volume = math.prod(cfg.patch_size)
+
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            # 1. Patch embedders: the noisy latents, and the reference latents (ref_in -> before_proj is added).
+            self.img_in = PatchEmbed(cfg.patch_size, cfg.latent_channels, dim)
+            self.ref_in = PatchEmbed(cfg.patch_size, cfg.latent_channels, dim)
+            self.before_proj = nn.Linear(dim, dim)
+            # 2. Text: token refiner over the LLaVA states; CLIP pooled vector into the modulation vector.
+            self.txt_in = SingleTokenRefiner(
+                cfg.text_states_dim, dim, cfg.num_heads, mlp_hidden, cfg.refiner_depth, cfg.time_embed_dim
+            )
+            self.vector_in = MLPEmbedder(cfg.text_states_dim_2, dim)
+            # 3. Modulation-vector embedders: timestep, motion buckets (4 scalars × D/4), fps.
+            self.time_in = TimestepEmbedder(dim, cfg.time_embed_dim)
+            self.motion_exp = TimestepEmbedder(dim // NUM_MOTION_SCALARS, cfg.time_embed_dim)
+            self.motion_pose = TimestepEmbedder(dim // NUM_MOTION_SCALARS, cfg.time_embed_dim)
+            self.fps_proj = TimestepEmbedder(dim, cfg.time_embed_dim)
+            # 4. Audio: Whisper windows -> audio tokens; single-head adapters after selected double blocks.
+            audio_in = cfg.audio_window * cfg.audio_layers * cfg.audio_channels
+            self.audio_proj = AudioProjNet(audio_in, cfg.audio_proj_dim, cfg.audio_tokens, dim)
+            self.audio_adapter_blocks = nn.ModuleList(
+                [AudioAdapter(dim, cfg.adapter_dim) for _ in cfg.adapter_after_double]
+            )
+            # 5. Transformer blocks.
+            self.double_blocks = nn.ModuleList(
+                [DoubleStreamBlock(dim, cfg.num_heads, mlp_hidden) for _ in range(cfg.depth_double)]
+            )
+            self.single_blocks = nn.ModuleList(
+                [SingleStreamBlock(dim, cfg.num_heads, mlp_hidden) for _ in range(cfg.depth_single)]
+            )
+            # 6. Output.
+            self.final_layer = FinalLayer(dim, patch_volume * cfg.latent_channels)
+
+        self.adapter_index = {block: j for j, block in enumerate(cfg.adapter_after_double)}
+        if any(not 0 <= b < cfg.depth_double for b in self.adapter_index):
+            raise ValueError(
+                f"adapter_after_double {cfg.adapter_after_double} must index double blocks < {cfg.depth_double}"
+            )
+        self.seq = LocalSequence()
+        if dtype is not None:
+            self.to_dtype(dtype)
+
+    # --- setup ---------------------------------------------------------------------------------------------------
+
+    def to_dtype(self, dtype: torch.dtype) -> AvatarDiT:
+        """Cast to ``dtype``, keeping the official fp32 modules in fp32. Call before any fp8 conversion (``.to``
+        would cast float8 weights too)."""
+        self.to(dtype)
+        for name in self._keep_in_fp32_modules:
+            self.get_submodule(name).to(torch.float32)
+        return self
+
+    def set_sequence_parallel(self, seq) -> None:
+        """Use ``seq`` (``avatar/parallel/base.py`` interface) at the sequence boundaries."""
+        self.seq = seq
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img_in.proj.weight.dtype
+
+    # --- forward -------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        ref_latents: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        text_states_2: torch.Tensor,
+        audio_feats: torch.Tensor,
+        face_mask: torch.Tensor,
+        motion_exp: torch.Tensor | None = None,
+        motion_pose: torch.Tensor | None = None,
+        fps: torch.Tensor | None = None,
+        cache: str | None = None,
+        cached: CachedInput | None = None,
+    ):
+        """Velocity ``[B, C, T, h, w]`` (with ``cache="store"``: ``(velocity, CachedInput)``). The velocity is in
+        ``final_layer.linear``'s dtype (fp32, as the official keeps that layer in fp32)."""
+        cfg, seq = self.cfg, self.seq
+        batch, _, num_frames, height, width = x.shape
+        pt, ph, pw = cfg.patch_size
+        if pt != 1:
+            raise ValueError(f"patch_size[0] must be 1 (one token frame per latent frame), got {cfg.patch_size}")
+        grid_h, grid_w = height // ph, width // pw
+        num_seq_frames = num_frames + 1  # the reference frame first
+        num_txt = text_states.shape[1]
+        dtype = self.dtype
+        if cache not in (None, "store", "reuse"):
+            raise ValueError(f"cache must be None, 'store' or 'reuse', got {cache!r}")
+
+        # 1. Modulation vector.
+        vec = self.time_in(t)
+        vec = vec + self._motion(self.motion_exp, motion_exp, cfg.motion_exp, batch, x.device)
+        vec = vec + self._motion(self.motion_pose, motion_pose, cfg.motion_pose, batch, x.device)
+        fps = torch.full((batch,), DEFAULT_FPS, device=x.device) if fps is None else fps
+        vec = vec + self.fps_proj(fps)
+        vec = vec + self.vector_in(text_states_2)
+
+        # Positions, key masks (local shard of this rank's frames).
+        rope_cos, rope_sin = rope_table(cfg, num_frames, grid_h, grid_w)
+        rope_cos = seq.shard_frames(rope_cos.to(x.device), num_seq_frames, dim=0)
+        rope_sin = seq.shard_frames(rope_sin.to(x.device), num_seq_frames, dim=0)
+        img_key_mask = self._padding_key_mask(num_seq_frames, grid_h * grid_w, x.device)
+        txt_key_mask = torch.arange(num_txt, device=x.device)[None, :] < text_mask.sum(dim=1, keepdim=True)
+
+        if cache == "reuse":
+            if cached is None:
+                raise ValueError("cache='reuse' needs the CachedInput of an earlier cache='store' call")
+            img = seq.shard_frames(cached.img.flatten(1, 2), num_seq_frames)
+            x_seq = torch.cat([img, cached.txt], dim=1)
+        else:
+            # 2. Audio tokens, grouped per latent frame: [B, 4T-3, A, D] -> [B, T, 4A, D].
+            expected_audio = AUDIO_FRAMES_PER_LATENT * (num_frames - 1) + 1
+            if audio_feats.shape[1] != expected_audio:
+                raise ValueError(
+                    f"audio_feats has {audio_feats.shape[1]} frames, expected {expected_audio} for {num_frames} latent frames"
+                )
+            audio = self.audio_proj(audio_feats)
+            audio = torch.cat([audio[:, :1]] * (AUDIO_FRAMES_PER_LATENT - 1) + [audio], dim=1)
+            audio = audio.reshape(batch, num_frames, -1, audio.shape[-1])
+
+            # 3. Image tokens: noisy latents + reference (ref_in -> before_proj), reference first frame prepended.
+            img = self.img_in(x.to(dtype))
+            ref = self.before_proj(self.ref_in(ref_latents.to(dtype)).to(self.before_proj.weight.dtype))
+            img = img + ref.to(img.dtype)
+            ref_first = self.img_in(ref_latents[:, :, :1].to(dtype))
+            img = torch.cat([ref_first, img], dim=1)
+            img = seq.shard_frames(img, num_seq_frames)
+
+            # 4. Text tokens.
+            txt = self.txt_in(text_states, t, text_mask)
+
+            # 5. Face mask per token (zero on the reference frame), and this rank's audio per local frame.
+            token_face_mask = self._token_face_mask(face_mask, num_frames, grid_h, grid_w)
+            token_face_mask = seq.shard_frames(token_face_mask, num_seq_frames).unsqueeze(-1)
+            local_audio = self._local_audio(audio, num_seq_frames)
+
+            # 6. Double blocks, each followed by its audio adapter where configured.
+            for index, block in enumerate(self.double_blocks):
+                img, txt = block(img, txt, vec, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask)
+                if index in self.adapter_index:
+                    adapter = self.audio_adapter_blocks[self.adapter_index[index]]
+                    frames = img.unflatten(1, (-1, grid_h * grid_w)).to(adapter.to_q.weight.dtype)
+                    out = adapter(local_audio.to(frames.dtype), frames).flatten(1, 2)
+                    img = img + (out * token_face_mask).to(img.dtype)
+
+            # 7. Single blocks on [img; txt], all but the last (the cache point).
+            x_seq = torch.cat([img, txt], dim=1)
+            for block in self.single_blocks[:-1]:
+                x_seq = block(x_seq, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask)
+
+        stored = None
+        if cache == "store":
+            full_img = seq.gather_frames(x_seq[:, :-num_txt], num_seq_frames)
+            stored = CachedInput(img=full_img.unflatten(1, (num_seq_frames, -1)), txt=x_seq[:, -num_txt:])
+        x_seq = self.single_blocks[-1](x_seq, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask)
+
+        # 8. Output: final layer on the local image tokens, gather, drop the reference frame, unpatchify.
+        out = self.final_layer(x_seq[:, :-num_txt], vec)
+        out = seq.gather_frames(out, num_seq_frames)[:, grid_h * grid_w :]
+        velocity = self._unpatchify(out, num_frames, grid_h, grid_w)
+        return (velocity, stored) if cache == "store" else velocity
+
+    # --- forward helpers -----------------------------------------------------------------------------------------
+
+    def _motion(self, embedder, values, default, batch, device) -> torch.Tensor:
+        """Embed ``values`` ``[B, 4]`` (default: the config constant) to ``[B, D]``."""
+        if values is None:
+            values = torch.full((batch, NUM_MOTION_SCALARS), float(default), device=device)
+        return embedder(values.reshape(-1)).reshape(batch, -1)
+
+    def _padding_key_mask(self, num_seq_frames: int, tokens_per_frame: int, device) -> torch.Tensor | None:
+        """``[S_local]`` bool, False on padding frames of this rank; None when it holds none."""
+        start, stop = self.seq.frame_range(num_seq_frames)
+        if stop <= num_seq_frames:
+            return None
+        valid = torch.arange(start, stop, device=device) < num_seq_frames
+        return valid.repeat_interleave(tokens_per_frame)
+
+    def _token_face_mask(self, face_mask, num_frames, grid_h, grid_w) -> torch.Tensor:
+        """``[B, (T+1)·F]`` float: the face mask nearest-resized to the token grid, zero on the reference frame."""
+        mask = F.interpolate(face_mask.float(), size=(num_frames, grid_h, grid_w), mode="nearest").flatten(1)
+        return torch.cat([torch.zeros_like(mask[:, : grid_h * grid_w]), mask], dim=1)
+
+    def _local_audio(self, audio: torch.Tensor, num_seq_frames: int) -> torch.Tensor:
+        """Audio tokens ``[B, n_local, 4A, D]`` of this rank's frames; zeros for the reference and padding frames."""
+        start, stop = self.seq.frame_range(num_seq_frames)
+        padded = audio.new_zeros(audio.shape[0], stop - start, *audio.shape[2:])
+        for local, frame in enumerate(range(start, min(stop, num_seq_frames))):
+            if frame > 0:
+                padded[:, local] = audio[:, frame - 1]
+        return padded
+
+    def _unpatchify(self, tokens: torch.Tensor, num_frames: int, grid_h: int, grid_w: int) -> torch.Tensor:
+        """``[B, T·gh·gw, C·pt·ph·pw]`` -> ``[B, C, T·pt, gh·ph, gw·pw]``."""
+        pt, ph, pw = self.cfg.patch_size
+        channels = self.cfg.latent_channels
+        x = tokens.reshape(tokens.shape[0], num_frames, grid_h, grid_w, channels, pt, ph, pw)
+        x = torch.einsum("nthwcopq->nctohpwq", x)
+        return x.reshape(tokens.shape[0], channels, num_frames * pt, grid_h * ph, grid_w * pw)

@@ -1,0 +1,265 @@
+"""The HunyuanVideo VAE (diffusers ``AutoencoderKLHunyuanVideo``, official keys 1:1) and our temporal tiling.
+
+Decoding follows diffusers' own temporal tiling exactly (``_temporal_tiled_decode``: tiles of ``tile + 1`` latent
+frames every ``stride`` latents, the first decoded frame of later tiles dropped, a linear cross-fade over
+``(tile - stride) · ratio`` frames), but as plain functions over a tile plan, so that
+
+- tiles can be decoded anywhere (``decode_tiles`` takes any subset of tile indices, e.g. one share per rank) and
+  blended afterwards in order (``blend_and_emit``) with the identical result, and
+- a streaming decode (``iter_decoded_frames``) emits frames as soon as their blend is final, holding one tile and the
+  previous tile's overlap only.
+
+Spatial tiling inside a temporal tile is diffusers' ``tiled_decode`` under the same condition as diffusers uses.
+Latents given to the decode functions are in the VAE's own space: divide DiT latents by the scaling factor first
+(``to_vae_space``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avatar.config import ModelConfig
+from avatar.io.errors import InputError
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_VAE_FILE = "pytorch_model.pt"
+_OFFICIAL_CONFIG_RENAMES = {"time_compression_ratio": "temporal_compression_ratio"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _diffusers_config(raw: dict) -> dict:
+    """Map an official ``AutoencoderKLCausal3D`` config.json (or a diffusers one) to diffusers' constructor."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    accepted = set(inspect.signature(AutoencoderKLHunyuanVideo.__init__).parameters) - {"self"}
+    config = {}
+    for key, value in raw.items():
+        key = _OFFICIAL_CONFIG_RENAMES.get(key, key)
+        if key in accepted:
+            config[key] = value
+    num_blocks = len(config.get("block_out_channels", (128, 256, 512, 512)))
+    # The official block class names (DownEncoderBlockCausal3D, ...) are the same blocks under diffusers' names.
+    config["down_block_types"] = ["HunyuanVideoDownBlock3D"] * num_blocks
+    config["up_block_types"] = ["HunyuanVideoUpBlock3D"] * num_blocks
+    config.setdefault("spatial_compression_ratio", 2 ** (num_blocks - 1))
+    ignored = sorted(k for k in raw if _OFFICIAL_CONFIG_RENAMES.get(k, k) not in accepted and not k.startswith("_"))
+    if ignored:
+        log.debug("VAE config keys without a diffusers counterpart: %s", ignored)
+    return config
+
+
+def load_vae(vae_dir: str | Path, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu"):
+    """Load the VAE from the official folder (``pytorch_model.pt`` + ``config.json``) or a diffusers
+    ``save_pretrained`` folder. The official state dict may sit under ``'state_dict'`` with a ``vae.`` prefix; it is
+    loaded strictly."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    vae_dir = Path(vae_dir)
+    config_path = vae_dir / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"vae: {vae_dir} has no config.json; expected the official vae/ folder or a diffusers one")
+    official = vae_dir / OFFICIAL_VAE_FILE
+    if not official.is_file():
+        vae = AutoencoderKLHunyuanVideo.from_pretrained(vae_dir, torch_dtype=dtype)
+        return vae.to(device).eval()
+
+    config = _diffusers_config(json.loads(config_path.read_text()))
+    checkpoint = torch.load(official, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint)
+    state = {k.removeprefix("vae."): v.to(dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        vae = AutoencoderKLHunyuanVideo(**config)
+    vae.load_state_dict(state, strict=True, assign=True)
+    log.info("loaded VAE %s (%d tensors)", official, len(state))
+    return vae.to(device).eval()
+
+
+def configure_tiling(vae, cfg: ModelConfig) -> None:
+    """Set the official tiling (temporal 64 frames stride 48, spatial 256 px stride 192 at full size)."""
+    vae.enable_tiling(
+        tile_sample_min_height=cfg.vae_tile_size,
+        tile_sample_min_width=cfg.vae_tile_size,
+        tile_sample_min_num_frames=cfg.vae_tile_frames,
+        tile_sample_stride_height=cfg.vae_tile_stride,
+        tile_sample_stride_width=cfg.vae_tile_stride,
+        tile_sample_stride_num_frames=cfg.vae_tile_stride_frames,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference latents
+
+
+def reference_pixels(image, num_frames: int) -> torch.Tensor:
+    """A PIL RGB image (or uint8 ``[H, W, 3]`` array) as ``[1, 3, num_frames, H, W]`` in [-1, 1] (pixels/127.5 - 1)."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    pixels = array.permute(2, 0, 1).float() / 127.5 - 1.0
+    return pixels[None, :, None].expand(1, 3, num_frames, *pixels.shape[1:]).contiguous()
+
+
+@torch.no_grad()
+def encode_reference(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """VAE-encode ``[1, 3, F, H, W]`` pixels in [-1, 1]: a posterior sample drawn with ``generator`` (official), or
+    the posterior mean without one, times the scaling factor. Returns float32 ``[1, C, (F-1)/4+1, H/8, W/8]``."""
+    param = next(vae.parameters())
+    posterior = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+    latents = posterior.sample(generator=generator) if generator is not None else posterior.mode()
+    return latents.float() * vae.config.scaling_factor
+
+
+def to_vae_space(vae, latents: torch.Tensor) -> torch.Tensor:
+    """DiT latents (scaled) → the VAE decoder's input."""
+    return latents / vae.config.scaling_factor
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Temporal tiling
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One temporal decode tile. Frame numbers are output-video frames."""
+
+    index: int
+    latent_start: int
+    latent_stop: int
+    frame_start: int
+    """Output frame of the tile's first kept decoded frame (later tiles drop their first decoded frame)."""
+    frame_stop: int
+    """One past the tile's last decoded frame."""
+    emit_stop: int
+    """Frames ``[frame_start, emit_stop)`` are final once this tile has been blended with the previous one."""
+
+
+def plan_temporal_tiles(
+    num_latent_frames: int, tile_latents: int, stride_latents: int, temporal_ratio: int = 4
+) -> list[Tile]:
+    """Temporal tiles as diffusers' ``_temporal_tiled_decode`` makes them (pure).
+
+    More than ``tile_latents`` latent frames: a tile of ``tile_latents + 1`` latents starts every ``stride_latents``;
+    otherwise one tile holds everything. Tiles that would decode to no kept frame are left out (they contribute
+    nothing in diffusers either).
+    """
+    if not 0 < stride_latents <= tile_latents:
+        raise InputError(f"VAE tiling: stride {stride_latents} must be in 1..tile {tile_latents} latent frames")
+    num_frames = (num_latent_frames - 1) * temporal_ratio + 1
+    if num_latent_frames <= tile_latents:
+        return [Tile(0, 0, num_latent_frames, 0, num_frames, num_frames)]
+    spans = []
+    for start in range(0, num_latent_frames, stride_latents):
+        stop = min(start + tile_latents + 1, num_latent_frames)
+        first = 0 if start == 0 else start * temporal_ratio + 1
+        last = (stop - 1) * temporal_ratio + 1
+        if last > first:
+            spans.append((start, stop, first, last))
+    tiles = []
+    for index, (start, stop, first, last) in enumerate(spans):
+        emit_stop = spans[index + 1][2] if index + 1 < len(spans) else last
+        tiles.append(Tile(index, start, stop, first, last, emit_stop))
+    return tiles
+
+
+def plan_for_vae(vae, num_latent_frames: int) -> list[Tile]:
+    """The tile plan the VAE's current settings give (``enable_tiling`` / ``use_framewise_decoding``)."""
+    ratio = vae.temporal_compression_ratio
+    if vae.tile_sample_min_num_frames % ratio or vae.tile_sample_stride_num_frames % ratio:
+        raise InputError(
+            f"VAE tiling: tile {vae.tile_sample_min_num_frames} and stride {vae.tile_sample_stride_num_frames} "
+            f"frames must be multiples of the temporal ratio {ratio}"
+        )
+    if not vae.use_framewise_decoding:
+        return plan_temporal_tiles(num_latent_frames, num_latent_frames, num_latent_frames, ratio)
+    return plan_temporal_tiles(
+        num_latent_frames, vae.tile_sample_min_num_frames // ratio, vae.tile_sample_stride_num_frames // ratio, ratio
+    )
+
+
+def blend_frames_of(vae) -> int:
+    """Video frames cross-faded between consecutive temporal tiles (tile - stride; official 16)."""
+    return vae.tile_sample_min_num_frames - vae.tile_sample_stride_num_frames
+
+
+@torch.no_grad()
+def decode_tile(vae, latents: torch.Tensor, tile: Tile) -> torch.Tensor:
+    """Decode one tile's latents (spatially tiled like diffusers) and drop the first frame of later tiles."""
+    param = next(vae.parameters())
+    z = latents[:, :, tile.latent_start : tile.latent_stop].to(device=param.device, dtype=param.dtype)
+    min_h = vae.tile_sample_min_height // vae.spatial_compression_ratio
+    min_w = vae.tile_sample_min_width // vae.spatial_compression_ratio
+    if vae.use_tiling and (z.shape[-1] > min_w or z.shape[-2] > min_h):
+        decoded = vae.tiled_decode(z, return_dict=True).sample
+    else:
+        decoded = vae.decoder(vae.post_quant_conv(z))
+    return decoded[:, :, 1:] if tile.latent_start > 0 else decoded
+
+
+def decode_tiles(
+    vae, latents: torch.Tensor, tiles: Sequence[Tile], indices: Sequence[int] | None = None
+) -> dict[int, torch.Tensor]:
+    """Decode the tiles with the given indices (default: all) → ``{index: [B, 3, n, H, W]}``."""
+    wanted = range(len(tiles)) if indices is None else indices
+    return {index: decode_tile(vae, latents, tiles[index]) for index in wanted}
+
+
+class TileBlender:
+    """Cross-fades consecutive decoded tiles as diffusers' ``blend_t`` does, keeping only the previous tile's tail."""
+
+    def __init__(self, blend_frames: int):
+        self.blend_frames = blend_frames
+        self.tail: torch.Tensor | None = None
+
+    def push(self, tile: Tile, decoded: torch.Tensor) -> torch.Tensor:
+        """Blend ``decoded`` into place and return its final frames ``[frame_start, emit_stop)``."""
+        if decoded.shape[2] != tile.frame_stop - tile.frame_start:
+            raise ValueError(f"tile {tile.index}: {decoded.shape[2]} decoded frames, plan says {tile}")
+        current = decoded.clone()
+        if self.tail is not None:
+            extent = min(self.tail.shape[2], current.shape[2], self.blend_frames)
+            prev = self.tail
+            # The same expressions as diffusers' blend_t, frame by frame, so results are bit-identical.
+            for x in range(extent):
+                current[:, :, x] = prev[:, :, -extent + x] * (1 - x / extent) + current[:, :, x] * (x / extent)
+        self.tail = current[:, :, -self.blend_frames :].clone() if self.blend_frames > 0 else None
+        return current[:, :, : tile.emit_stop - tile.frame_start]
+
+
+def blend_and_emit(
+    tiles: Sequence[Tile], decoded: Mapping[int, torch.Tensor], blend_frames: int
+) -> Iterator[torch.Tensor]:
+    """Blend decoded tiles (from any ranks) in order, yielding each tile's final frames ``[B, 3, n, H, W]``.
+
+    ``blend_frames`` is ``blend_frames_of(vae)``.
+    """
+    blender = TileBlender(blend_frames)
+    for tile in tiles:
+        yield blender.push(tile, decoded[tile.index])
+
+
+def decode_video(vae, latents: torch.Tensor, tiles: Sequence[Tile] | None = None) -> torch.Tensor:
+    """Decode the whole video in one process: ``[B, C, T, h, w]`` VAE-space latents → ``[B, 3, F, H, W]``."""
+    tiles = plan_for_vae(vae, latents.shape[2]) if tiles is None else tiles
+    decoded = decode_tiles(vae, latents, tiles)
+    return torch.cat(list(blend_and_emit(tiles, decoded, blend_frames_of(vae))), dim=2)
+
+
+def iter_decoded_frames(vae, latents: torch.Tensor, tiles: Sequence[Tile] | None = None) -> Iterator[torch.Tensor]:
+    """Stream the decode of one video (``B == 1``): yields float32 ``[3, n, H, W]`` chunks in order, each as soon as
+    its blend is final, holding one decoded tile and one overlap in memory."""
+    if latents.shape[0] != 1:
+        raise ValueError(f"iter_decoded_frames decodes one video, got a batch of {latents.shape[0]}")
+    tiles = plan_for_vae(vae, latents.shape[2]) if tiles is None else tiles
+    blender = TileBlender(blend_frames_of(vae))
+    for tile in tiles:
+        yield blender.push(tile, decode_tile(vae, latents, tile))[0].float()

@@ -1,0 +1,223 @@
+"""Every collective we issue goes through this module, which counts calls and bytes per category.
+
+``comm_stats()`` is the process-wide ``CommStats``; tests reset it and count the collectives of one forward, the
+bench prints the bytes. "Bytes" are the bytes this rank *sends* under the usual ring/pairwise algorithms:
+all_to_all_single: the input minus the slice kept locally; all_gather: its tensor to each of the n−1 others (n−1
+chunks around a ring); isend: the tensor; broadcast: the tensor on the source, 0 elsewhere; all_reduce: 2·(n−1)/n of
+the tensor (reduce-scatter + all-gather).
+
+Also here: the small exchanges the pipeline needs (object/tensor broadcast, CFG branch exchange, data-axis gather).
+Groups: ``broadcast*``/``all_reduce`` follow torch (None = the default group); the axis helpers ``cfg_exchange`` and
+``data_all_gather_windows`` take an axis group where None means the axis has size 1 (nothing to exchange).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+CATEGORIES = ("all_to_all", "all_gather", "p2p", "broadcast", "all_reduce")
+
+
+@dataclass
+class CommStats:
+    """Calls and bytes sent by this rank, per category (see the module docstring)."""
+
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def record(self, category: str, num_bytes: int) -> None:
+        self.calls[category] += 1
+        self.bytes[category] += int(num_bytes)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """``category -> (calls, bytes)`` for the categories used so far."""
+        return {name: (self.calls[name], self.bytes[name]) for name in CATEGORIES if self.calls.get(name)}
+
+
+_STATS = CommStats()
+_COUNTERS: list[CommStats] = []  # extra counters of the active ``counting()`` blocks
+
+
+def comm_stats() -> CommStats:
+    """The process-wide counters."""
+    return _STATS
+
+
+@contextmanager
+def counting() -> Iterator[CommStats]:
+    """Count the collectives issued inside the block into a fresh ``CommStats`` (the global one keeps counting)."""
+    fresh = CommStats()
+    _COUNTERS.append(fresh)
+    try:
+        yield fresh
+    finally:
+        _COUNTERS.remove(fresh)
+
+
+def _record(category: str, num_bytes: int) -> None:
+    _STATS.record(category, num_bytes)
+    for counter in _COUNTERS:
+        counter.record(category, num_bytes)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def group_size(group) -> int:
+    """Size of ``group`` (1 for None or without a process group)."""
+    if group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    """This process's rank in ``group`` (0 for None or without a process group)."""
+    if group is None or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+# --- counted collectives ---------------------------------------------------------------------------------------------
+
+
+def all_to_all_single(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    """Equal splits along dim 0: slice i of ``tensor`` goes to rank i, slice j of ``output`` comes from rank j."""
+    size = group_size(group)
+    _record("all_to_all", _nbytes(tensor) * (size - 1) // size)
+    dist.all_to_all_single(output, tensor, group=group)
+
+
+def all_gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape everywhere), in group-rank order."""
+    size = group_size(group)
+    if size == 1:
+        return [tensor]
+    tensor = tensor.contiguous()
+    _record("all_gather", _nbytes(tensor) * (size - 1))
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor, group=group)
+    return parts
+
+
+def send_recv(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, group) -> list:
+    """Post one isend and one irecv (group ranks) together; returns the requests to ``wait()`` on."""
+    _record("p2p", _nbytes(send))
+    ops = [
+        dist.P2POp(dist.isend, send, dist.get_global_rank(group, dst), group),
+        dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, src), group),
+    ]
+    return dist.batch_isend_irecv(ops)
+
+
+def broadcast(tensor: torch.Tensor, src: int, group=None) -> None:
+    """In-place broadcast from global rank ``src``."""
+    is_source = dist.get_rank() == src
+    _record("broadcast", _nbytes(tensor) if is_source else 0)
+    dist.broadcast(tensor, src, group=group)
+
+
+def all_reduce(tensor: torch.Tensor, group=None, op=None) -> None:
+    """In-place all-reduce (sum unless ``op`` is given)."""
+    size = group_size(group)
+    _record("all_reduce", 2 * (size - 1) * _nbytes(tensor) // max(size, 1))
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
+
+
+# --- pipeline exchanges ----------------------------------------------------------------------------------------------
+
+
+def comm_device(group, preferred: torch.device) -> torch.device:
+    """Where tensors for ``group`` must live: CPU when gloo serves it, else ``preferred`` (CUDA for NCCL)."""
+    backend = str(dist.get_backend(group))
+    return torch.device("cpu") if "gloo" in backend else preferred
+
+
+def broadcast_object(obj, src: int = 0, group=None, device: torch.device | None = None):
+    """Send a picklable object (tensors included, moved to CPU) from global rank ``src`` to the ranks of ``group``;
+    returns it everywhere. Without a process group, returns ``obj``."""
+    if not dist.is_initialized() or group_size(group if group is not None else dist.group.WORLD) == 1:
+        return obj
+    where = comm_device(group, device or torch.device("cpu"))
+    is_source = dist.get_rank() == src
+    if is_source:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+        payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8).to(where)
+        size = torch.tensor([payload.numel()], dtype=torch.int64, device=where)
+    else:
+        size = torch.zeros(1, dtype=torch.int64, device=where)
+    broadcast(size, src, group)
+    if not is_source:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=where)
+    broadcast(payload, src, group)
+    if is_source:
+        return obj
+    return torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), weights_only=False)
+
+
+def broadcast_tensor(tensor: torch.Tensor | None, src: int = 0, group=None, device: torch.device | None = None):
+    """Broadcast a tensor whose shape and dtype only the source knows (others pass None); returns it on ``device``
+    (default: the source tensor's device type, CPU on the receivers)."""
+    if not dist.is_initialized() or group_size(group if group is not None else dist.group.WORLD) == 1:
+        return tensor
+    is_source = dist.get_rank() == src
+    meta = broadcast_object((tuple(tensor.shape), tensor.dtype) if is_source else None, src, group)
+    shape, dtype = meta
+    target = device or (tensor.device if is_source else torch.device("cpu"))
+    where = comm_device(group, target if target.type == "cuda" else torch.device("cpu"))
+    # Sent as raw bytes: gloo lacks some dtypes (int16, bool, ...) and the bytes are exact for all of them.
+    if is_source:
+        buffer = tensor.detach().to(where).contiguous().reshape(-1).view(torch.uint8)
+    else:
+        num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        buffer = torch.empty(num_bytes, dtype=torch.uint8, device=where)
+    broadcast(buffer, src, group)
+    return buffer.view(dtype).reshape(shape).to(target)
+
+
+def cfg_exchange(v_local: torch.Tensor, cfg_group) -> torch.Tensor:
+    """CFG-parallel: cfg rank 0 holds the unconditional branch, rank 1 the conditional one (``[B, ...]`` each);
+    both get ``[2B, ...]`` ordered (uncond, cond). With no CFG group, returns ``v_local``."""
+    if group_size(cfg_group) == 1:
+        return v_local
+    return torch.cat(all_gather(v_local, cfg_group), dim=0)
+
+
+def data_all_gather_windows(items: dict[int, torch.Tensor], data_group, device: torch.device | None = None):
+    """Data-parallel: each data group contributes its own windows (``index -> tensor``, any shapes); every rank
+    gets all of them (on ``device``, default CPU). Sent as one pickled payload per group."""
+    if group_size(data_group) == 1:
+        return dict(items)
+    payload = pickle.dumps({index: tensor.detach().cpu() for index, tensor in items.items()})
+    objects: list = [None] * group_size(data_group)
+    _record("all_gather", len(payload) * (len(objects) - 1))
+    dist.all_gather_object(objects, payload, group=data_group)
+    merged: dict[int, torch.Tensor] = {}
+    for blob in objects:
+        for index, tensor in pickle.loads(blob).items():
+            if index in merged:
+                raise ValueError(f"window {index} was rendered by two data groups")
+            merged[index] = tensor.to(device or torch.device("cpu"))
+    return merged

@@ -1,0 +1,46 @@
+"""Hydra ``@hydra.main`` entry for Hydra launchers, e.g. one Slurm job per sweep point with submitit:
+
+    python -m launch.submit -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu \\
+        hydra.launcher.gpus_per_node=1 hydra.launcher.timeout_min=120 \\
+        model=tiny weights=weights/tiny image=examples/portrait.jpg audio.path=examples/speech_5s.wav \\
+        output.path=outputs/s1.mp4 seed=1,2,3
+
+Each job is one process that runs the same ``run_from_config`` as ``launch.generate``. Plain Hydra parses the
+command line here, so the path shorthands of ``launch.generate`` are spelled out: ``output.path=``, ``audio.path=``,
+``batch.manifest=``. For several GPUs per video use ``launch/slurm/generate.sbatch`` (torchrun) instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from avatar.io.errors import EXIT_BAD_INPUT, InputError
+from launch.config import check_choices, register_configs
+
+log = logging.getLogger("launch.submit")
+
+register_configs()
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+def main(node: DictConfig) -> int:
+    from launch.generate import prepare_jobs, run_from_config
+
+    try:
+        cfg = OmegaConf.to_object(node)
+        check_choices(cfg)
+        jobs = prepare_jobs(cfg)
+    except InputError as err:
+        log.error("error: %s", err)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    code = run_from_config(cfg, jobs)
+    if code:
+        raise SystemExit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Sequence parallelism on gloo (fp32): Ulysses, Ring and both equal one process's LocalSequence, for frame counts
+that do not divide the world (padding masked), with text key masks; shard/gather round trips; collectives counted.
+
+Each spawn costs a few seconds, so one spawned function checks several plans on the same ranks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avatar.config import ModelConfig
+from avatar.models.transformer import AvatarDiT
+from avatar.parallel.base import LocalSequence
+from avatar.parallel.comm import (
+    broadcast_object,
+    broadcast_tensor,
+    cfg_exchange,
+    comm_stats,
+    counting,
+    data_all_gather_windows,
+)
+from launch.plan import MeshAxis, ParallelPlan
+from tests.utils.spawn import spawn
+
+pytestmark = pytest.mark.slow
+
+BATCH, HEADS, HEAD_DIM, TOKENS_PER_FRAME, NUM_TXT = 2, 4, 8, 3, 5
+TXT_COUNTS = (5, 2)  # valid text tokens per batch row (count-based key mask, as the DiT builds it)
+
+
+def make_inputs(num_frames: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(num_frames)
+    num_img = num_frames * TOKENS_PER_FRAME
+
+    def draw(length: int) -> torch.Tensor:
+        return torch.randn(BATCH, length, HEADS, HEAD_DIM, generator=gen)
+
+    txt_mask = torch.arange(NUM_TXT)[None, :] < torch.tensor(TXT_COUNTS)[:, None]
+    return {
+        "img_q": draw(num_img),
+        "img_k": draw(num_img),
+        "img_v": draw(num_img),
+        "txt_q": draw(NUM_TXT),
+        "txt_k": draw(NUM_TXT),
+        "txt_v": draw(NUM_TXT),
+        "txt_key_mask": txt_mask,
+    }
+
+
+def reference(num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = make_inputs(num_frames)
+    return LocalSequence().joint_attention(
+        x["img_q"], x["img_k"], x["img_v"], x["txt_q"], x["txt_k"], x["txt_v"], None, x["txt_key_mask"]
+    )
+
+
+def padding_key_mask(seq, num_frames: int) -> torch.Tensor | None:
+    """As the DiT builds it: ``[S_local]`` False on padding frames, None on a rank without padding."""
+    start, stop = seq.frame_range(num_frames)
+    if stop <= num_frames:
+        return None
+    return (torch.arange(start, stop) < num_frames).repeat_interleave(TOKENS_PER_FRAME)
+
+
+def run_plan(seq, num_frames: int) -> dict:
+    """One joint_attention on this rank's shard; returns the gathered outputs and the collectives it issued."""
+    x = make_inputs(num_frames)
+    shard = {name: seq.shard_frames(x[name], num_frames) for name in ("img_q", "img_k", "img_v")}
+    with counting() as stats:
+        img_out, txt_out = seq.joint_attention(
+            shard["img_q"],
+            shard["img_k"],
+            shard["img_v"],
+            x["txt_q"],
+            x["txt_k"],
+            x["txt_v"],
+            padding_key_mask(seq, num_frames),
+            x["txt_key_mask"],
+        )
+    calls = dict(stats.calls)
+    return {"img": seq.gather_frames(img_out, num_frames), "txt": txt_out, "calls": calls}
+
+
+def check_round_trip(seq, num_frames: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(BATCH, num_frames * TOKENS_PER_FRAME, 6, generator=gen)
+    table = torch.randn(num_frames * TOKENS_PER_FRAME, 6, generator=gen)  # RoPE tables are sharded along dim 0
+    local = seq.shard_frames(x, num_frames)
+    assert local.shape[1] == seq.frames_per_rank(num_frames) * TOKENS_PER_FRAME
+    assert torch.equal(seq.gather_frames(local, num_frames), x)
+    assert torch.equal(seq.gather_frames(seq.shard_frames(table, num_frames, dim=0), num_frames, dim=0), table)
+
+
+def tiny_dit() -> tuple[AvatarDiT, dict[str, torch.Tensor]]:
+    """The real DiT at a CPU size (4 heads) and inputs for 2 latent frames (3 sequence frames with the reference)."""
+    cfg = ModelConfig(
+        name="tiny",
+        hidden_size=32,
+        num_heads=HEADS,
+        depth_double=2,
+        depth_single=2,
+        refiner_depth=1,
+        latent_channels=4,
+        rope_axes=[2, 2, 4],
+        text_states_dim=16,
+        text_states_dim_2=8,
+        audio_window=4,
+        audio_layers=2,
+        audio_channels=8,
+        audio_proj_dim=16,
+        audio_tokens=2,
+        adapter_dim=16,
+        adapter_after_double=[1],
+    )
+    torch.manual_seed(0)
+    model = AvatarDiT(cfg).eval()
+    gen = torch.Generator().manual_seed(3)
+    num_frames, side, text_len = 2, 4, 6
+    text_mask = torch.zeros(1, text_len, dtype=torch.long)
+    text_mask[:, :4] = 1
+    inputs = {
+        "x": torch.randn(1, 4, num_frames, side, side, generator=gen),
+        "t": torch.full((1,), 700.0),
+        "ref_latents": torch.randn(1, 4, 1, side, side, generator=gen).repeat(1, 1, num_frames, 1, 1),
+        "text_states": torch.randn(1, text_len, cfg.text_states_dim, generator=gen),
+        "text_mask": text_mask,
+        "text_states_2": torch.randn(1, cfg.text_states_dim_2, generator=gen),
+        "audio_feats": torch.randn(1, 4 * num_frames - 3, 4, 2, 8, generator=gen),
+        "face_mask": torch.ones(1, 1, 1, side, side),
+    }
+    return model, inputs
+
+
+@torch.no_grad()
+def dit_forward(model: AvatarDiT, inputs: dict, seq) -> dict[str, torch.Tensor]:
+    """Full forward (storing the cache) and a cached-step forward under ``seq``."""
+    model.set_sequence_parallel(seq)
+    velocity, cached = model(**inputs, cache="store")
+    reused = model(**inputs, cache="reuse", cached=cached)
+    return {"velocity": velocity, "cached_img": cached.img, "reused": reused}
+
+
+def check_exchanges(rank: int) -> dict:
+    """The pipeline helpers over the whole world."""
+    payload = {"prompt": "hello", "latents": torch.arange(6.0).reshape(2, 3)} if rank == 0 else None
+    before = comm_stats().calls.get("broadcast", 0)
+    received = broadcast_object(payload, src=0)
+    tensor = broadcast_tensor(torch.full((2, 2), 5, dtype=torch.int16) if rank == 0 else None, src=0)
+    windows = data_all_gather_windows({rank: torch.full((1, rank + 1), float(rank))}, torch.distributed.group.WORLD)
+    return {
+        "object": received,
+        "tensor": tensor,
+        "windows": windows,
+        "broadcasts": comm_stats().calls["broadcast"] - before,
+    }
+
+
+def sequence_parallel_worker(
+    rank: int, world_size: int, layouts: list[tuple[int, int, int]], num_frames: int, dit=None
+):
+    """For each (cfg, ring, ulysses) layout: build the mesh, check round trips, run one joint attention (and the
+    DiT when ``dit`` = (model, inputs) is given)."""
+    results = {"exchanges": check_exchanges(rank)}
+    for cfg, ring, ulysses in layouts:
+        plan = ParallelPlan(cfg=cfg, ring=ring, ulysses=ulysses, world_size=world_size, num_heads=HEADS)
+        mesh = plan.build_mesh("cpu")
+        seq = mesh.sequence()
+        assert seq.world == ring * ulysses
+        if seq.world > 1:
+            assert (seq.ring_size, seq.ulysses_size) == (ring, ulysses)
+        check_round_trip(seq, num_frames)
+        result = run_plan(seq, num_frames)
+        if dit is not None:
+            result["dit"] = dit_forward(*dit, seq)
+        if cfg == 2:
+            branch = torch.full((1, 3), float(mesh.rank(MeshAxis.CFG)))
+            result["cfg"] = cfg_exchange(branch, mesh.group(MeshAxis.CFG))
+        results[(cfg, ring, ulysses)] = result
+    return results
+
+
+def assert_matches_reference(results: list[dict], layouts, num_frames: int, dit=None) -> None:
+    ref_img, ref_txt = reference(num_frames)
+    dit_ref = None if dit is None else dit_forward(*dit, LocalSequence())
+    for rank, result in enumerate(results):
+        exchanges = result["exchanges"]
+        assert exchanges["object"]["prompt"] == "hello"
+        assert torch.equal(exchanges["object"]["latents"], torch.arange(6.0).reshape(2, 3))
+        assert exchanges["tensor"].dtype == torch.int16 and exchanges["tensor"].tolist() == [[5, 5], [5, 5]]
+        assert sorted(exchanges["windows"]) == list(range(len(results)))
+        assert exchanges["windows"][len(results) - 1].shape == (1, len(results)), f"rank {rank}"
+        assert exchanges["broadcasts"] == 5  # (size, payload) for the object and the tensor's metadata, + the tensor
+    for layout in layouts:
+        per_rank = [result[layout] for result in results]
+        for rank, result in enumerate(per_rank):
+            img_err = (result["img"] - ref_img).abs().max() / ref_img.abs().max()
+            txt_err = (result["txt"] - ref_txt).abs().max() / ref_txt.abs().max()
+            assert img_err < 1e-5, f"layout (cfg, ring, ulysses)={layout} rank {rank}: image rel err {img_err:.2e}"
+            assert txt_err < 1e-5, f"layout {layout} rank {rank}: text rel err {txt_err:.2e}"
+            # The text stream is replicated: every rank must hold bit-identical text outputs.
+            assert torch.equal(result["txt"], per_rank[0]["txt"]), f"layout {layout}: text differs on rank {rank}"
+            if "dit" in result:
+                for name, value in result["dit"].items():
+                    err = (value - dit_ref[name]).abs().max() / dit_ref[name].abs().max()
+                    assert err < 1e-5, f"layout {layout} rank {rank}: DiT {name} rel err {err:.2e}"
+            if "cfg" in result:
+                assert result["cfg"][:, 0].tolist() == [0.0, 1.0]
+
+
+def expected_calls(ring: int, ulysses: int) -> dict[str, int]:
+    """Ulysses: 2 all_to_all + 1 all_gather (text heads); Ring: R−1 send/recv pairs + 1 all_gather (text
+    partials)."""
+    calls: dict[str, int] = {}
+    if ulysses > 1:
+        calls["all_to_all"] = 2
+        calls["all_gather"] = 1
+    if ring > 1:
+        calls["p2p"] = ring - 1
+        calls["all_gather"] = calls.get("all_gather", 0) + 1
+    return calls
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_ulysses_and_ring_with_padding():
+    layouts = [(1, 1, 2), (1, 2, 1), (2, 1, 1)]
+    num_frames = 5  # 5 frames over 2 ranks: rank 1 holds one padding frame
+    dit = tiny_dit()  # 3 sequence frames over 2 ranks: padding inside the real model too
+    results = spawn(2, sequence_parallel_worker, layouts, num_frames, dit, timeout=110)
+    assert_matches_reference(results, layouts, num_frames, dit)
+    for ring, ulysses in ((1, 2), (2, 1)):
+        assert results[0][(1, ring, ulysses)]["calls"] == expected_calls(ring, ulysses)
+    assert results[0][(2, 1, 1)]["calls"] == {}
+
+
+@pytest.mark.timeout(150)
+def test_four_ranks_usp_ulysses_ring_and_cfg():
+    layouts = [(1, 2, 2), (1, 1, 4), (1, 4, 1), (2, 1, 2)]
+    num_frames = 5  # 2 frames per rank after padding to 8: rank 3 holds only padding
+    dit = tiny_dit()
+    results = spawn(4, sequence_parallel_worker, layouts, num_frames, dit, timeout=140)
+    assert_matches_reference(results, layouts, num_frames, dit)
+    for layout in layouts:
+        assert results[0][layout]["calls"] == expected_calls(*layout[1:])
+
+
+@pytest.mark.timeout(120)
+def test_three_ranks_ring():
+    layouts = [(1, 3, 1)]
+    num_frames = 4
+    results = spawn(3, sequence_parallel_worker, layouts, num_frames, timeout=110)
+    assert_matches_reference(results, layouts, num_frames)
+    assert results[2][(1, 3, 1)]["calls"] == expected_calls(3, 1)

@@ -1,0 +1,67 @@
+"""The real entry point end to end on the tiny model: one process, torchrun with 2 and 4 ranks (same frames), the
+run report, and the output contract (H.264 + AAC, 25 fps, the audio's duration, atomic, no overwrite)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.e2e.conftest import EXAMPLES, generate, tiny_args
+
+pytestmark = pytest.mark.slow
+
+
+def _ok(result):
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return result
+
+
+@pytest.fixture(scope="module")
+def single(tiny_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "talk.mp4"
+    _ok(generate(*tiny_args(tiny_weights, out)))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_single_process_writes_h264_aac_at_25fps_with_the_audio_duration(single):
+    from avatar.io.video import probe
+
+    info = probe(str(single))
+    seconds = sf.info(str(EXAMPLES / "speech_5s.wav")).duration
+    assert info.video_codec == "h264" and info.audio_codec == "aac" and info.audio_streams == 1
+    assert info.fps == 25
+    assert abs(info.frames - seconds * 25) <= 1
+    assert abs(info.duration - seconds) <= 1 / 25 + 0.03
+    assert (info.width, info.height) == (128, 128) or min(info.width, info.height) == 128
+    leftovers = [p.name for p in single.parent.iterdir() if p.name.startswith(".") or p.suffix in (".tmp", ".part")]
+    assert leftovers == []
+    assert not (single.parent / (single.name + ".state")).exists()
+
+
+@pytest.mark.timeout(300)
+def test_run_report_records_config_plan_hashes_timings_and_windows(single):
+    report = json.loads((single.parent / (single.name + ".json")).read_text())
+    assert report["seed"] == 128 and report["steps"] == 3 and report["fps"] == 25
+    assert report["config"]["model"]["name"] == "tiny"
+    assert report["plan"] == {"world": 1, "data": 1, "cfg": 1, "sequence": 1}
+    assert len(report["inputs"]["sha256"]["audio"]) == 64
+    for stage in ("inputs", "audio_features", "face_mask", "text_conditioning", "reference_latents", "denoise"):
+        assert report["timings_seconds"][stage] >= 0, stage
+    assert report["denoise"]["windows"] and report["peak_host_memory_mb"] > 0
+    assert set(report["versions"]) >= {"torch", "diffusers", "transformers"}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_torchrun_ranks_write_the_same_frames_as_one_process(single, tiny_weights, tmp_path, nproc):
+    from avatar.io.video import read_frames
+
+    out = tmp_path / "multi.mp4"
+    _ok(generate(*tiny_args(tiny_weights, out), nproc=nproc, timeout=580))
+    report = json.loads((tmp_path / "multi.mp4.json").read_text())
+    assert report["plan"]["world"] == nproc
+    np.testing.assert_array_equal(read_frames(str(out)), read_frames(str(single)))

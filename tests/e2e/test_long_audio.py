@@ -1,0 +1,62 @@
+"""60 s of audio in each long-audio strategy on the tiny model: the mp4 has the audio's frame count at 25 fps and
+the whole audio track; 2 ranks (windows spread over data-parallel groups) write the same frames as one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.e2e.conftest import EXAMPLES, generate, tiny_args
+
+pytestmark = pytest.mark.slow
+SECONDS = 60.0
+
+
+@pytest.fixture(scope="module")
+def long_audio(tmp_path_factory):
+    """60 s of real speech: the 16 s example repeated and cut."""
+    wav, rate = sf.read(str(EXAMPLES / "speech_16s.wav"), dtype="float32")
+    reps = int(np.ceil(SECONDS * rate / len(wav)))
+    path = tmp_path_factory.mktemp("long") / "speech_60s.wav"
+    sf.write(str(path), np.tile(wav, (reps,) + (1,) * (wav.ndim - 1))[: int(SECONDS * rate)], rate)
+    return path
+
+
+def _render(weights, out, audio, *extra, nproc=1):
+    result = generate(*tiny_args(weights, out, audio, "sampling.steps=2", *extra), nproc=nproc, timeout=580)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.with_name(out.name + ".json").read_text())
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["shift", "blend", "segments"])
+def test_sixty_seconds_in_each_strategy(tiny_weights, long_audio, tmp_path, strategy):
+    from avatar.io.video import probe
+
+    out = tmp_path / f"{strategy}.mp4"
+    report = _render(tiny_weights, out, long_audio, f"long.strategy={strategy}")
+    info = probe(str(out))
+    assert abs(info.frames - SECONDS * 25) <= 1
+    assert abs(info.audio_duration - SECONDS) <= 0.1
+    assert report["strategy"] == strategy
+    seams = report["seams"]
+    assert seams and all(s["seam_diff"] >= 0 and s["interior_median"] is not None for s in seams), seams
+    if strategy == "segments":
+        manifest = json.loads((tmp_path / "segments.mp4.segments" / "manifest.json").read_text())
+        assert manifest["complete"] and sum(s["num_frames"] for s in manifest["segments"]) == info.frames
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["blend", "segments"])
+def test_two_ranks_equal_one(tiny_weights, long_audio, tmp_path, strategy):
+    from avatar.io.video import read_frames
+
+    one = tmp_path / "one.mp4"
+    two = tmp_path / "two.mp4"
+    _render(tiny_weights, one, long_audio, f"long.strategy={strategy}")
+    report = _render(tiny_weights, two, long_audio, f"long.strategy={strategy}", "parallel.data=2", nproc=2)
+    assert report["plan"]["data"] == 2
+    np.testing.assert_array_equal(read_frames(str(two)), read_frames(str(one)))

@@ -1,0 +1,76 @@
+"""Preemption flag: a real SIGTERM/SIGUSR1 to this process sets it; no process group needed."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from launch.signals import EXIT_PREEMPTED, PreemptionHandler, record_preemption, requeue_if_slurm
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_sets_flag_and_handler_is_restored(signum):
+    before = signal.getsignal(signum)
+    with PreemptionHandler() as handler:
+        assert not handler.should_stop()
+        os.kill(os.getpid(), signum)
+        assert handler.requested and handler.received == signum
+        assert handler.should_stop() and handler.should_stop()
+    assert signal.getsignal(signum) == before
+
+
+def test_exit_code_is_ex_tempfail():
+    assert EXIT_PREEMPTED == 75
+
+
+def test_requeue_outside_slurm_does_nothing(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert requeue_if_slurm() is False
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("AVATAR_SLURM_REQUEUE", "0")
+    assert requeue_if_slurm() is False
+
+
+def test_preemption_marker_is_written_only_when_asked(monkeypatch, tmp_path):
+    marker = tmp_path / "preempted"
+    monkeypatch.delenv("AVATAR_PREEMPT_MARKER", raising=False)
+    record_preemption()
+    assert not marker.exists()
+    monkeypatch.setenv("AVATAR_PREEMPT_MARKER", str(marker))
+    record_preemption()
+    assert marker.exists()
+
+
+def _agree_worker(rank: int, port: int, results) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
+    )
+    with PreemptionHandler() as handler:
+        first = handler.should_stop()
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        dist.barrier()
+        results.put((rank, first, handler.requested, handler.should_stop()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(60)
+def test_ranks_agree_when_only_one_was_signalled():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_agree_worker, args=(port, results), nprocs=2, start_method="spawn", join=True)
+    got = sorted(results.get() for _ in range(2))
+    assert got == [(0, False, False, True), (1, False, True, True)]
