@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,3 +20,13 @@ def _clean_torch_state():
     torch.set_default_dtype(dtype)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    from avatar.weights.tiny import make_tiny
+    from launch.config import compose
+
+    folder = tmp_path_factory.mktemp("tiny-weights")
+    make_tiny(folder, compose(["model=tiny"]).model, seed=0)
+    return folder

@@ -1,5 +1,5 @@
-"""End-to-end fixtures: the tiny weights written once per session by the real `make-tiny` code, and a runner for the
-real entry point as a subprocess."""
+"""End-to-end helpers: a runner for the real entry point as a subprocess (the tiny weights fixture is in
+``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-
-
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory) -> Path:
-    from avatar.weights.tiny import make_tiny
-    from launch.config import compose
-
-    folder = tmp_path_factory.mktemp("tiny-weights")
-    make_tiny(folder, compose(["model=tiny"]).model, seed=0)
-    return folder
 
 
 def env() -> dict:

@@ -1,0 +1,175 @@
+"""Driving audio: decode any common format to float32 mono at the model's sample rate.
+
+Decoders, in order: soundfile (wav/flac/ogg/mp3 via libsndfile), PyAV (m4a/aac/mp4/webm/...), then the ffmpeg
+binary bundled with imageio-ffmpeg. Channels are averaged to mono; the rate is converted with a windowed-sinc
+(Kaiser, β = 14.77, 0.99·Nyquist cut-off) polyphase resampler.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+
+import numpy as np
+
+from avatar.io.errors import InputError
+
+#: Video frame rate: audio shorter than one frame cannot drive a video.
+VIDEO_FPS = 25
+
+_SINC_HALF_WIDTH = 16  # zero crossings each side (in units of the lower rate)
+_ROLLOFF = 0.99
+_KAISER_BETA = 14.769656459379492
+_MAX_POLYPHASE = 1_000_000  # orig·new (after dividing by the gcd) above which libswresample is used instead
+
+
+# --- decoders -----------------------------------------------------------------------------------------------------
+
+
+def _decode_soundfile(path: str) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    return data, int(rate)
+
+
+def _decode_pyav(path: str) -> tuple[np.ndarray, int]:
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise ValueError("the file has no audio stream")
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate or stream.rate
+        layout = stream.codec_context.layout.name if stream.codec_context.layout else None
+        resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        chunks = []
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray())
+    if not chunks:
+        return np.zeros((0, 1), np.float32), int(rate)
+    data = np.concatenate(chunks, axis=1).T  # (samples, channels)
+    return np.ascontiguousarray(data, dtype=np.float32), int(rate)
+
+
+def _decode_ffmpeg(path: str, sample_rate: int) -> tuple[np.ndarray, int]:
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", path, "-vn", "-ac", "1"]
+    cmd += ["-ar", str(sample_rate), "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"]
+    proc = subprocess.run(cmd, capture_output=True, timeout=600)
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["ffmpeg failed"]
+        raise ValueError(tail[0])
+    data = np.frombuffer(proc.stdout, dtype="<f4").astype(np.float32)
+    return data[:, None], int(sample_rate)
+
+
+def _decode(path: str, sample_rate: int) -> tuple[np.ndarray, int]:
+    errors = []
+    for name, fn in (("soundfile", _decode_soundfile), ("pyav", _decode_pyav)):
+        try:
+            return fn(path)
+        except Exception as err:  # noqa: BLE001 - any decoder failure means "try the next one"
+            errors.append(f"{name}: {err}")
+    try:
+        return _decode_ffmpeg(path, sample_rate)
+    except Exception as err:  # noqa: BLE001
+        errors.append(f"ffmpeg: {err}")
+    raise ValueError("; ".join(e.replace("\n", " ") for e in errors))
+
+
+# --- resampling ---------------------------------------------------------------------------------------------------
+
+
+def _kernel(orig: int, new: int) -> tuple[np.ndarray, int]:
+    """Polyphase sinc kernels, one row per output phase: (new, 2·width + orig), and the padding width."""
+    base = min(orig, new) * _ROLLOFF
+    width = int(math.ceil(_SINC_HALF_WIDTH * orig / base))
+    idx = np.arange(-width, width + orig, dtype=np.float64)[None, :] / orig  # input offsets in seconds·orig
+    t = idx - (np.arange(new, dtype=np.float64)[:, None] / new)  # (new, taps)
+    t *= base
+    t = np.clip(t, -_SINC_HALF_WIDTH, _SINC_HALF_WIDTH)
+    window = np.i0(_KAISER_BETA * np.sqrt(np.clip(1 - (t / _SINC_HALF_WIDTH) ** 2, 0, None))) / np.i0(_KAISER_BETA)
+    kernel = np.sinc(t) * window * (base / orig)
+    return kernel.astype(np.float32), width
+
+
+def _resample_swr(wav: np.ndarray, orig_rate: int, new_rate: int, target: int) -> np.ndarray:
+    """libswresample (via PyAV) for rate pairs whose polyphase kernel would be too large (coprime odd rates)."""
+    import av
+
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wav, dtype=np.float32)[None], format="flt", layout="mono")
+    frame.sample_rate = orig_rate
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=new_rate)
+    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    y = np.concatenate(out) if out else np.zeros(0, np.float32)
+    if len(y) < target:
+        y = np.pad(y, (0, target - len(y)))
+    return np.ascontiguousarray(y[:target], dtype=np.float32)
+
+
+def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Resample a 1-D float signal; output length ``ceil(len · new / orig)``."""
+    if orig_rate == new_rate or len(wav) == 0:
+        return np.asarray(wav, dtype=np.float32)
+    import torch
+
+    g = math.gcd(int(orig_rate), int(new_rate))
+    orig, new = int(orig_rate) // g, int(new_rate) // g
+    target = int(math.ceil(new * len(wav) / orig))
+    if orig * new > _MAX_POLYPHASE:
+        return _resample_swr(wav, int(orig_rate), int(new_rate), target)
+    kernel, width = _kernel(orig, new)
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None, None]
+    x = torch.nn.functional.pad(x, (width, width + orig))
+    with torch.no_grad():
+        y = torch.nn.functional.conv1d(x, torch.from_numpy(kernel)[:, None, :], stride=orig)  # (1, new, blocks)
+    y = y[0].transpose(0, 1).reshape(-1)
+    return np.ascontiguousarray(y[:target].numpy(), dtype=np.float32)
+
+
+# --- public -------------------------------------------------------------------------------------------------------
+
+
+def load_audio(path, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
+    """Decode ``path`` to a float32 mono array at ``sample_rate``. Raises InputError naming the file for a missing,
+    unreadable, empty, too short (< 1 video frame) or too long (> ``audio.max_seconds``) input."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"audio={path}: file not found; give the path of a wav, flac, mp3 or m4a speech file")
+    if os.path.isdir(path):
+        raise InputError(f"audio={path}: is a directory; give the path of a wav, flac, mp3 or m4a speech file")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"audio={path}: the file is empty (0 bytes); give a wav, flac, mp3 or m4a speech file")
+    try:
+        data, rate = _decode(path, int(sample_rate))
+    except ValueError as err:
+        raise InputError(
+            f"audio={path}: not a readable audio file or the file is corrupt ({err}); "
+            "give a wav, flac, mp3 or m4a speech file"
+        ) from err
+    if data.ndim == 1:
+        data = data[:, None]
+    if data.shape[0] == 0 or rate <= 0:
+        raise InputError(f"audio={path}: contains no audio samples (zero length); give a non-empty speech file")
+    wav = data.mean(axis=1, dtype=np.float64).astype(np.float32) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(wav).all():
+        raise InputError(f"audio={path}: contains NaN or infinite samples; re-export it as 16-bit PCM wav")
+    seconds = len(wav) / rate
+    if seconds < 1.0 / VIDEO_FPS:
+        raise InputError(
+            f"audio={path}: {seconds * 1000:.1f} ms is shorter than one video frame "
+            f"({1000 / VIDEO_FPS:.0f} ms at {VIDEO_FPS} fps); give at least {1 / VIDEO_FPS:g} s of audio"
+        )
+    if max_seconds is not None and seconds > float(max_seconds):
+        raise InputError(
+            f"audio={path}: {seconds:.2f} s is longer than audio.max_seconds={max_seconds:g}; "
+            f"shorten the audio or raise audio.max_seconds"
+        )
+    return resample(wav, rate, int(sample_rate))

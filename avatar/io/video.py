@@ -1,0 +1,311 @@
+"""mp4 output: stream uint8 RGB frames into ffmpeg (libx264, yuv420p), mux the speech as AAC, publish atomically.
+
+``VideoWriter`` never leaves a partial file at its target path: frames go to a hidden temporary in the same folder,
+``close()`` muxes the audio (padded with silence / trimmed to exactly ``frames / fps``) into a second temporary and
+``os.replace``s it onto the target; ``abort()`` (or an exception inside ``with``) kills ffmpeg and removes both.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import tempfile
+from fractions import Fraction
+
+import numpy as np
+
+from avatar.io.errors import InputError
+
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+    "placebo",
+)
+
+
+def ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _temp_name(path: str, tag: str) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
+
+
+def _stderr_tail(handle, lines: int = 8) -> str:
+    try:
+        handle.seek(0)
+        text = handle.read().decode(errors="replace").strip().splitlines()
+    except (OSError, ValueError):
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def _remove(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class VideoWriter:
+    """Streams ``[n, H, W, 3]`` uint8 RGB frames into an H.264 mp4 at ``path``.
+
+    ``write`` any number of times, then ``close()`` (mux + atomic rename) or ``abort()`` (nothing at ``path``). As a
+    context manager it closes on success and aborts on an exception."""
+
+    def __init__(
+        self,
+        path,
+        fps: float,
+        width: int,
+        height: int,
+        audio_path=None,
+        crf: int = 18,
+        preset: str = "medium",
+    ):
+        self.path = os.path.abspath(os.fspath(path))
+        self.fps = fps
+        self.width, self.height = int(width), int(height)
+        self.audio_path = os.fspath(audio_path) if audio_path is not None else None
+        self.crf, self.preset = crf, preset
+        if not (isinstance(crf, (int, np.integer)) and not isinstance(crf, bool) and 0 <= crf <= 51):
+            raise InputError(f"output.crf={crf!r} is invalid; give an integer from 0 (lossless) to 51")
+        if preset not in X264_PRESETS:
+            raise InputError(f"output.preset={preset!r} is invalid; give one of {', '.join(X264_PRESETS)}")
+        if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
+            raise ValueError(f"video size {self.width}x{self.height} must be positive and even (yuv420p)")
+        if float(fps) <= 0:
+            raise ValueError(f"fps={fps} must be positive")
+        if self.audio_path is not None and not os.path.isfile(self.audio_path):
+            raise InputError(f"audio={self.audio_path}: file not found (needed to mux the video's sound track)")
+        self._frames = 0
+        self._state = "open"
+        self._video_tmp = _temp_name(self.path, "video.mp4")
+        self._mux_tmp: str | None = None
+        self._log = tempfile.TemporaryFile()
+        cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
+        cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}"]
+        cmd += ["-framerate", self._rate_str(), "-i", "pipe:0", "-an"]
+        cmd += ["-c:v", "libx264", "-preset", preset, "-crf", str(int(crf)), "-pix_fmt", "yuv420p"]
+        cmd += ["-r", self._rate_str(), "-movflags", "+faststart", "-f", "mp4", self._video_tmp]
+        try:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
+        except OSError:
+            self._log.close()
+            raise
+
+    # --- public --------------------------------------------------------------------------------------------------
+
+    @property
+    def frames_written(self) -> int:
+        return self._frames
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append frames: ``[n, H, W, 3]`` (or one ``[H, W, 3]``) uint8 RGB."""
+        if self._state != "open":
+            raise RuntimeError(f"VideoWriter for {self.path} is {self._state}")
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.dtype != np.uint8:
+            raise TypeError(f"frames must be uint8, got {frames.dtype}")
+        if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"frames must be [n, {self.height}, {self.width}, 3], got {list(frames.shape)}")
+        if frames.shape[0] == 0:
+            return
+        try:
+            self._proc.stdin.write(np.ascontiguousarray(frames).tobytes())
+        except (BrokenPipeError, OSError) as err:
+            self._proc.wait()
+            detail = _stderr_tail(self._log)
+            self.abort()
+            raise RuntimeError(f"ffmpeg stopped while encoding {self.path}: {detail or err}") from err
+        self._frames += frames.shape[0]
+
+    def close(self) -> None:
+        """Finish encoding, mux the audio (AAC, exactly the video's length) and rename onto ``path``."""
+        if self._state == "closed":
+            return
+        if self._state != "open":
+            raise RuntimeError(f"VideoWriter for {self.path} is {self._state}")
+        try:
+            if self._frames == 0:
+                raise RuntimeError(f"no frames were written to {self.path}")
+            self._proc.stdin.close()
+            code = self._proc.wait()
+            if code != 0:
+                raise RuntimeError(f"ffmpeg failed encoding {self.path} (exit {code}): {_stderr_tail(self._log)}")
+            final = self._video_tmp
+            if self.audio_path is not None:
+                self._mux_tmp = _temp_name(self.path, "mux.mp4")
+                self._mux(self._mux_tmp)
+                final = self._mux_tmp
+            _fsync(final)
+            os.replace(final, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._cleanup()
+        self._state = "closed"
+
+    def abort(self) -> None:
+        """Kill ffmpeg and remove the temporaries; nothing is left at ``path``. Safe to call more than once."""
+        if self._state in ("closed", "aborted"):
+            return
+        self._state = "aborted"
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if proc is not None:
+            try:
+                proc.stdin.close()
+            except (OSError, ValueError):
+                pass
+            proc.wait()
+        self._cleanup()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self):
+        try:
+            if self._state == "open":
+                self.abort()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # --- internals -----------------------------------------------------------------------------------------------
+
+    def _rate_str(self) -> str:
+        rate = Fraction(self.fps).limit_denominator(1001000)
+        return f"{rate.numerator}/{rate.denominator}"
+
+    def _mux(self, out: str) -> None:
+        duration = float(self._frames / Fraction(self._rate_str()))
+        cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
+        cmd += ["-i", self._video_tmp, "-i", self.audio_path]
+        cmd += ["-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", "192k"]
+        # pad short audio with silence, cut long audio: the file lasts exactly frames / fps
+        cmd += ["-af", "apad", "-t", f"{duration:.6f}", "-shortest", "-movflags", "+faststart", "-f", "mp4", out]
+        proc = subprocess.run(cmd, capture_output=True, timeout=3600)
+        if proc.returncode != 0:
+            tail = " | ".join(proc.stderr.decode(errors="replace").strip().splitlines()[-8:])
+            raise RuntimeError(f"ffmpeg failed muxing {self.audio_path} into {self.path}: {tail}")
+
+    def _cleanup(self) -> None:
+        _remove(self._video_tmp)
+        _remove(self._mux_tmp)
+        self._mux_tmp = None
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.close()
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+class VideoInfo(dict):
+    """``probe`` result: a dict whose keys are also attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def probe(path) -> VideoInfo:
+    """Streams of an mp4: frames, fps, width, height, duration (s), video_codec, audio_codec, audio_sample_rate,
+    audio_duration, audio_streams, video_streams (missing values are None)."""
+    import av
+
+    path = os.fspath(path)
+    with av.open(path) as container:
+        videos, audios = container.streams.video, container.streams.audio
+        info = VideoInfo(
+            frames=0,
+            fps=None,
+            width=None,
+            height=None,
+            duration=container.duration / 1_000_000 if container.duration is not None else None,
+            video_codec=None,
+            video_duration=None,
+            pix_fmt=None,
+            audio_codec=None,
+            audio_sample_rate=None,
+            audio_channels=None,
+            audio_duration=None,
+            video_streams=len(videos),
+            audio_streams=len(audios),
+        )
+        if videos:
+            v = videos[0]
+            rate = v.guessed_rate or v.average_rate or v.base_rate
+            info.update(
+                fps=float(rate) if rate else None,
+                width=v.codec_context.width,
+                height=v.codec_context.height,
+                video_codec=v.codec_context.name,
+                pix_fmt=v.codec_context.pix_fmt,
+                video_duration=float(v.duration * v.time_base) if v.duration is not None else None,
+            )
+            frames = v.frames
+            if not frames:
+                frames = sum(1 for packet in container.demux(v) if packet.size)
+            info["frames"] = int(frames)
+        if audios:
+            a = audios[0]
+            info.update(
+                audio_codec=a.codec_context.name,
+                audio_sample_rate=a.codec_context.sample_rate,
+                audio_channels=a.codec_context.layout.nb_channels if a.codec_context.layout else None,
+                audio_duration=float(a.duration * a.time_base) if a.duration is not None else None,
+            )
+    if info["duration"] is None:
+        info["duration"] = info["video_duration"]
+    return info
+
+
+def read_frames(path) -> np.ndarray:
+    """All video frames of ``path`` as ``[n, H, W, 3]`` uint8 RGB."""
+    import av
+
+    with av.open(os.fspath(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    if not frames:
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    return np.stack(frames)

@@ -1,0 +1,112 @@
+"""The whole denoise loop on gloo ranks equals one process (fp32 path): final video latents of the ``shift`` and
+``blend`` strategies under Ulysses, Ring, CFG-parallel and data-parallel plans, with a latent-frame count that does not
+divide the world. The plan, mesh and topology are built by the launcher's own ``launch.topology``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.utils.spawn import spawn
+
+pytestmark = pytest.mark.slow
+
+NUM_LATENTS = 14  # two blend windows of 9 latents (tiny window: 33 frames); 15 sequence frames with the reference
+SIDE = 4
+
+
+def setup(parallel: dict, strategy: str):
+    from avatar.config import ParallelConfig
+    from avatar.models.transformer import AvatarDiT
+    from avatar.pipeline import denoise as dn
+    from launch.config import compose
+
+    cfg = compose(["model=tiny", "sampling.steps=3", "sampling.fidelity=fp32"])
+    cfg.parallel = ParallelConfig(**{k: str(v) for k, v in parallel.items()})
+    torch.manual_seed(0)
+    model = AvatarDiT(cfg.model).eval()
+    gen = torch.Generator().manual_seed(1)
+    m = cfg.model
+    text_mask = torch.zeros(1, m.text_len, dtype=torch.long)
+    text_mask[:, :7] = 1
+    window = (m.window_frames - 1) // m.vae_temporal_ratio + 1
+    num_frames = 4 * (NUM_LATENTS - 1) + 1
+    cond = dn.Conditioning(
+        audio_feats=torch.randn(num_frames, m.audio_window, m.audio_layers, m.audio_channels, generator=gen),
+        face_mask=torch.ones(1, 1, 1, SIDE, SIDE),
+        text_states=torch.randn(1, m.text_len, m.text_states_dim, generator=gen),
+        text_mask=text_mask,
+        text_pooled=torch.randn(1, m.text_states_dim_2, generator=gen),
+        neg_text_states=torch.randn(1, m.text_len, m.text_states_dim, generator=gen),
+        neg_text_mask=text_mask,
+        neg_text_pooled=torch.randn(1, m.text_states_dim_2, generator=gen),
+        ref_latents=torch.randn(1, m.latent_channels, window, SIDE, SIDE, generator=gen),
+        num_frames=num_frames,
+    )
+    sampling = replace(cfg.sampling, cache=strategy == "blend")
+    return cfg, model, cond, sampling
+
+
+def denoise(cfg, model, cond, sampling, topo, strategy: str) -> torch.Tensor:
+    from avatar.pipeline import denoise as dn
+
+    stats = dn.DenoiseStats(strategy=strategy)
+    velocity = dn.GuidedVelocity(model, cond, sampling, cfg.model, topo, torch.float32, sampling.cache, stats)
+    noise = dn.make_noise((1, cfg.model.latent_channels, NUM_LATENTS, SIDE, SIDE), seed=5)
+    with torch.inference_mode():
+        if strategy == "shift":
+            return dn.denoise_shift(velocity, noise, cond, sampling, cfg.model, topo)
+        return dn.denoise_blend(velocity, noise, cond, sampling, cfg.model, 2, topo)
+
+
+def worker(rank: int, world: int, cases: list):
+    from launch.dist import DistEnv
+    from launch.topology import build_topology
+
+    out = {}
+    for parallel, strategy in cases:
+        cfg, model, cond, sampling = setup(parallel, strategy)
+        topo, _ = build_topology(cfg, DistEnv(rank=rank, world_size=world))
+        model.set_sequence_parallel(topo.seq)
+        out[(tuple(parallel.items()), strategy)] = denoise(cfg, model, cond, sampling, topo, strategy)
+    return out
+
+
+def single(parallel: dict, strategy: str) -> torch.Tensor:
+    from avatar.pipeline.topology import Topology
+
+    cfg, model, cond, sampling = setup(parallel, strategy)
+    return denoise(cfg, model, cond, sampling, Topology(), strategy)
+
+
+def check(results, cases):
+    for parallel, strategy in cases:
+        reference = single(parallel, strategy)
+        for rank, result in enumerate(results):
+            latents = result[(tuple(parallel.items()), strategy)]
+            err = ((latents - reference).abs().max() / reference.abs().max()).item()
+            assert err < 1e-5, f"{parallel} {strategy} rank {rank}: rel err {err:.2e}"
+
+
+@pytest.mark.timeout(240)
+def test_two_ranks_every_plan_equals_one_process():
+    cases = [
+        ({"data": 1, "cfg": 1, "ring": 1, "ulysses": 2}, "shift"),
+        ({"data": 1, "cfg": 1, "ring": 2, "ulysses": 1}, "blend"),
+        ({"data": 1, "cfg": 2, "ring": 1, "ulysses": 1}, "blend"),
+        ({"data": 2, "cfg": 1, "ring": 1, "ulysses": 1}, "blend"),
+        ({"data": 2, "cfg": 1, "ring": 1, "ulysses": 1}, "shift"),
+    ]
+    check(spawn(2, worker, cases, timeout=230), cases)
+
+
+@pytest.mark.timeout(300)
+def test_four_ranks_usp_cfg_and_data_equal_one_process():
+    cases = [
+        ({"data": 1, "cfg": 1, "ring": 2, "ulysses": 2}, "blend"),
+        ({"data": 1, "cfg": 2, "ring": 1, "ulysses": 2}, "shift"),
+        ({"data": 2, "cfg": 2, "ring": 1, "ulysses": 1}, "blend"),
+    ]
+    check(spawn(4, worker, cases, timeout=290), cases)
