@@ -19,7 +19,8 @@ def _temp_for(path: str) -> str:
     return os.path.join(folder, f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{ext}")
 
 
-def _fsync_file(path: str) -> None:
+def fsync_path(path) -> None:
+    """fsync a file or a folder by path (best effort: some filesystems refuse folders)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -40,7 +41,7 @@ def atomic_path(path) -> Iterator:
     tmp = _temp_for(target)
     try:
         yield Path(tmp) if isinstance(path, PurePath) else tmp
-        _fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException:
         try:

@@ -15,6 +15,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from avatar.io.atomic import fsync_path
 from avatar.io.errors import InputError
 
 X264_PRESETS = (
@@ -57,19 +58,6 @@ def _remove(path: str | None) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
-
-
-def _fsync(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class VideoWriter:
@@ -165,7 +153,7 @@ class VideoWriter:
                 self._mux_tmp = _temp_name(self.path, "mux.mp4")
                 self._mux(self._mux_tmp)
                 final = self._mux_tmp
-            _fsync(final)
+            fsync_path(final)
             os.replace(final, self.path)
         except BaseException:
             self.abort()

@@ -27,6 +27,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
+from avatar.io.atomic import fsync_path
+
 log = logging.getLogger(__name__)
 
 #: First bytes of every checkpoint/segment file: ``MAGIC <sha256 hex> <payload bytes>\n`` then the payload.
@@ -106,19 +108,6 @@ def _flatten(node, prefix: str = "") -> dict:
     return {prefix[:-1]: node}
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +121,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _write_json(path: Path, data: dict) -> None:

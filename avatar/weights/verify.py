@@ -9,31 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from avatar.config import (
-    OFFICIAL_CLIP_DIR,
-    OFFICIAL_DIT_FILE,
-    OFFICIAL_DIT_FP8_FILE,
-    OFFICIAL_DIT_FP8_MAP_FILE,
-    OFFICIAL_FACE_DETECTOR,
-    OFFICIAL_LLAVA_DIR,
-    OFFICIAL_VAE_DIR,
-    OFFICIAL_WHISPER_DIR,
-    ModelConfig,
-)
-
-
-def required_files(cfg: ModelConfig, fp8: bool = False) -> dict[str, list[str]]:
-    """Component -> files (relative to the weights folder) that must exist."""
-    files = {
-        "dit": [OFFICIAL_DIT_FP8_FILE, OFFICIAL_DIT_FP8_MAP_FILE] if fp8 else [OFFICIAL_DIT_FILE],
-        "vae": [f"{OFFICIAL_VAE_DIR}/config.json", f"{OFFICIAL_VAE_DIR}/pytorch_model.pt"],
-        "whisper": [f"{OFFICIAL_WHISPER_DIR}/config.json", f"{OFFICIAL_WHISPER_DIR}/preprocessor_config.json"],
-        "llava": [f"{OFFICIAL_LLAVA_DIR}/config.json"],
-        "clip": [f"{OFFICIAL_CLIP_DIR}/config.json"],
-    }
-    if cfg.face_detector == "official":
-        files["face_detector"] = [OFFICIAL_FACE_DETECTOR]
-    return files
+from avatar.config import OFFICIAL_DIT_FILE, OFFICIAL_DIT_FP8_FILE, ModelConfig
+from avatar.weights.layout import expected_files
 
 
 def verify_weights(
@@ -46,7 +23,7 @@ def verify_weights(
             f"weights folder {root} does not exist (download: huggingface-cli download tencent/HunyuanVideo-Avatar --local-dir {root}; tiny model: python -m launch.weights make-tiny {root})"
         ]
     problems = []
-    for component, files in required_files(cfg, fp8).items():
+    for component, files in expected_files(cfg, fp8).items():
         for rel in files:
             if not (root / rel).is_file():
                 problems.append(f"{component}: missing file {root / rel}")
