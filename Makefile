@@ -28,6 +28,7 @@ $(TINY)/.complete: $(STAMP)
 
 # The built-in tiny model on the example portrait and 5 s of speech -> outputs/demo.mp4 (with sound).
 demo: install tiny-weights
+	mkdir -p outputs
 	$(PY) -m launch.generate model=tiny weights=$(TINY) image=examples/portrait.jpg audio=examples/speech_5s.wav \
 		prompt="A woman speaks to the camera." output=outputs/demo.mp4 overwrite=true $(ARGS)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -34,6 +35,8 @@ def setup_logging(rank: int = 0, verbose_ranks: bool = False) -> None:
     handler.setFormatter(_RankFormatter(rank))
     root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 or verbose_ranks else logging.WARNING)
+    # our own bars cover the long steps; the hub's per-file loading bars only clutter the log (set before import)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for noisy in ("httpx", "urllib3", "filelock", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -106,7 +106,6 @@ class GuidedVelocity:
         phase = sched.cfg_phase(step, self.sampling)
         mask_scale = sched.face_mask_scale(step, self.sampling)
         branches = self.branches(step)
-        num = len(branches)
         zeros_audio = torch.zeros_like(audio)
         texts, masks, pooled, audios = [], [], [], []
         for b in branches:
@@ -116,24 +115,32 @@ class GuidedVelocity:
             pooled.append(c.neg_text_pooled if use_negative_text else c.text_pooled)
             audios.append(zeros_audio if b == 0 else audio)
         dtype = self.dtype
-        kwargs = dict(
-            x=x.expand(num, -1, -1, -1, -1).to(dtype),
-            t=torch.full((num,), float(t), dtype=torch.float32, device=x.device),
-            ref_latents=c.ref_latents.expand(num, -1, -1, -1, -1).to(dtype),
-            text_states=torch.cat(texts).to(dtype),
-            text_mask=torch.cat(masks),
-            text_states_2=torch.cat(pooled).to(dtype),
-            audio_feats=torch.stack(audios).to(dtype),
-            face_mask=(c.face_mask * mask_scale).expand(num, -1, -1, -1, -1).to(dtype),
-        )
-        if step in self.cached and cache_key in self.cache_store:
-            v = self.model(**kwargs, cache="reuse", cached=self.cache_store[cache_key])
-            self.stats.cached_calls += 1
-        elif self.use_cache:
-            v, self.cache_store[cache_key] = self.model(**kwargs, cache="store")
-        else:
-            v = self.model(**kwargs)
+        outputs, reused = [], False
+        # One forward per branch, also when this rank computes both: a batch of one is what a CFG-parallel rank
+        # runs, so every plan gives bit-identical latents (a batch of two rounds differently in the matmuls).
+        for i, b in enumerate(branches):
+            kwargs = dict(
+                x=x.to(dtype),
+                t=torch.full((1,), float(t), dtype=torch.float32, device=x.device),
+                ref_latents=c.ref_latents.to(dtype),
+                text_states=texts[i].to(dtype),
+                text_mask=masks[i],
+                text_states_2=pooled[i].to(dtype),
+                audio_feats=audios[i].unsqueeze(0).to(dtype),
+                face_mask=(c.face_mask * mask_scale).to(dtype),
+            )
+            key = (cache_key, b)
+            if step in self.cached and key in self.cache_store:
+                outputs.append(self.model(**kwargs, cache="reuse", cached=self.cache_store[key]))
+                reused = True
+            elif self.use_cache:
+                v, self.cache_store[key] = self.model(**kwargs, cache="store")
+                outputs.append(v)
+            else:
+                outputs.append(self.model(**kwargs))
+        v = torch.cat(outputs)
         self.stats.model_calls += 1
+        self.stats.cached_calls += int(reused)
         v = self.topo.all_gather_cfg(v.float())
         scale = sched.guidance_scale(step, self.sampling)
         return v[0:1] + scale * (v[1:2] - v[0:1])

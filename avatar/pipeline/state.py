@@ -255,7 +255,7 @@ class StateStore:
         path = self._job_dir(key) / "checkpoint.pt"
         payload = {"step": int(step), "tensors": {k: v.detach().cpu() for k, v in tensors.items()}, "meta": meta}
         _write_payload(path, payload)
-        log.info("checkpoint saved at step %d (%s)", step, path)
+        log.debug("checkpoint saved at step %d (%s)", step, path)
         return path
 
     def load_checkpoint(self, key: str) -> Optional[tuple[int, dict, dict]]:
