@@ -180,9 +180,11 @@ def test_submit_with_submitit_slurm_launcher(slurm_cluster, tiny_weights_dir, tm
             "-m",
             "launch.submit",
             "-m",
-            "hydra/launcher=submitit_slurm",
+            "hydra/launcher=avatar_slurm",  # our preset on top of submitit_slurm
             "hydra.launcher.partition=debug",
             "hydra.launcher.timeout_min=60",
+            "hydra.launcher.gpus_per_node=null",  # the local test cluster has no GPUs
+            "hydra.launcher.cpus_per_task=1",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
             "model=tiny",
             f"weights={tiny_weights_dir}",

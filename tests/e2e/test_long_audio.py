@@ -31,13 +31,27 @@ def _render(weights, out, audio, *extra, nproc=1):
     return json.loads(out.with_name(out.name + ".json").read_text())
 
 
+@pytest.fixture(scope="module")
+def one_rank(tiny_weights, long_audio, tmp_path_factory):
+    """The single-process render of each strategy, made once and shared by both tests: ``strategy -> (mp4, report)``."""
+    folder = tmp_path_factory.mktemp("one-rank")
+    done = {}
+
+    def render(strategy):
+        if strategy not in done:
+            out = folder / f"{strategy}.mp4"
+            done[strategy] = (out, _render(tiny_weights, out, long_audio, f"long.strategy={strategy}"))
+        return done[strategy]
+
+    return render
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", ["shift", "blend", "segments"])
-def test_sixty_seconds_in_each_strategy(tiny_weights, long_audio, tmp_path, strategy):
+def test_sixty_seconds_in_each_strategy(one_rank, strategy):
     from avatar.io.video import probe
 
-    out = tmp_path / f"{strategy}.mp4"
-    report = _render(tiny_weights, out, long_audio, f"long.strategy={strategy}")
+    out, report = one_rank(strategy)
     info = probe(str(out))
     assert abs(info.frames - SECONDS * 25) <= 1
     assert abs(info.audio_duration - SECONDS) <= 0.1
@@ -45,18 +59,17 @@ def test_sixty_seconds_in_each_strategy(tiny_weights, long_audio, tmp_path, stra
     seams = report["seams"]
     assert seams and all(s["seam_diff"] >= 0 and s["interior_median"] is not None for s in seams), seams
     if strategy == "segments":
-        manifest = json.loads((tmp_path / "segments.mp4.segments" / "manifest.json").read_text())
+        manifest = json.loads((out.parent / "segments.mp4.segments" / "manifest.json").read_text())
         assert manifest["complete"] and sum(s["num_frames"] for s in manifest["segments"]) == info.frames
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", ["blend", "segments"])
-def test_two_ranks_equal_one(tiny_weights, long_audio, tmp_path, strategy):
+def test_two_ranks_equal_one(one_rank, tiny_weights, long_audio, tmp_path, strategy):
     from avatar.io.video import read_frames
 
-    one = tmp_path / "one.mp4"
+    one, _ = one_rank(strategy)
     two = tmp_path / "two.mp4"
-    _render(tiny_weights, one, long_audio, f"long.strategy={strategy}")
     report = _render(tiny_weights, two, long_audio, f"long.strategy={strategy}", "parallel.data=2", nproc=2)
     assert report["plan"]["data"] == 2
     np.testing.assert_array_equal(read_frames(str(two)), read_frames(str(one)))
