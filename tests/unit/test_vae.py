@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_config() -> ModelConfig:
-    return OmegaConf.to_object(
+    """The tiny model with small VAE tiles (16/12 frames, 64/48 px), so short test videos cross several tiles."""
+    cfg = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(ROOT / "configs/model/tiny.yaml"))
     )
+    return replace(cfg, vae_tile_frames=16, vae_tile_stride_frames=12, vae_tile_size=64, vae_tile_stride=48)
 
 
 @pytest.fixture(scope="module")
