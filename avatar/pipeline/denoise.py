@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -144,6 +144,44 @@ class GuidedVelocity:
         v = self.topo.all_gather_cfg(v.float())
         scale = sched.guidance_scale(step, self.sampling)
         return v[0:1] + scale * (v[1:2] - v[0:1])
+
+
+def denoise_window_strategy(
+    model: torch.nn.Module,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    sampling: SamplingConfig,
+    arch: ModelConfig,
+    strategy: str,
+    *,
+    overlap: int = 0,
+    use_cache: bool | None = None,
+    topology: Topology | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The denoise stage on its own: explicit initial noise and precomputed conditioning in, final latents out
+    (``shift`` or ``blend``). With the tensors a run saved (``save_intermediates=true``, see
+    ``load_intermediates``) this reproduces that run's latents."""
+    topo = topology or Topology()
+    stats = DenoiseStats(strategy=strategy)
+    cache = sampling.cache if use_cache is None else use_cache
+    velocity = GuidedVelocity(model, cond, sampling, arch, topo, dtype, cache, stats)
+    with torch.inference_mode():
+        if strategy == "shift":
+            return denoise_shift(velocity, noise, cond, sampling, arch, topo)
+        if strategy == "blend":
+            return denoise_blend(velocity, noise, cond, sampling, arch, overlap, topo)
+    raise ValueError(f"strategy={strategy!r}: the stand-alone denoise takes 'shift' or 'blend'")
+
+
+def load_intermediates(path) -> tuple[torch.Tensor, Conditioning, dict]:
+    """Read ``<output>.intermediates.pt``: ``(noise, conditioning, extra)`` where ``extra`` holds ``seed``,
+    ``strategy``, ``overlap``, ``cache`` and, once the run finished denoising, the final ``latents``."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    names = {f.name for f in fields(Conditioning)}
+    cond = Conditioning(**{k: v for k, v in data.items() if k in names})
+    extra = {k: v for k, v in data.items() if k not in names and k != "noise"}
+    return data["noise"], cond, extra
 
 
 def make_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:

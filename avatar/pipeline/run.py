@@ -274,8 +274,17 @@ class Renderer:
         noise = dn.make_noise((1, cfg.model.latent_channels, num_latents_noise, h_lat, w_lat), job.seed).to(
             self.device
         )
+        saved = None
         if cfg.save_intermediates and topo.is_main:
-            self._save_intermediates(job, cond, noise)
+            saved = {
+                "noise": noise.cpu(),
+                "seed": job.seed,
+                "strategy": strategy,
+                "overlap": default_overlap(cfg),
+                "cache": use_cache,
+                **vars(cond),
+            }
+            self._save_intermediates(job, saved)
         key = job_state(config_dict(cfg), job)[0] if state is not None else None
         resume = Resume(topo, state, key, strategy, preemption, velocity.cached, sampling.steps, cfg.checkpoint_every)
         from avatar.io.video import VideoWriter
@@ -321,6 +330,8 @@ class Renderer:
                             start_step=start_step,
                             latents=latents,
                         )
+                    if saved is not None:
+                        self._save_intermediates(job, {**saved, "latents": latents.cpu()})
                     latents = latents[:, :, :kept]
                     with self.timer("decode_write"):
                         seams = self._decode_to_writer(
@@ -473,10 +484,12 @@ class Renderer:
 
     # --- reports ------------------------------------------------------------------------------------------------------
 
-    def _save_intermediates(self, job: Job, cond: dn.Conditioning, noise: torch.Tensor) -> None:
+    def _save_intermediates(self, job: Job, tensors: dict) -> None:
+        """``<output>.intermediates.pt``: the noise and conditioning (before denoising), then also the final latents
+        (``shift``/``blend``); ``dn.load_intermediates`` + ``dn.denoise_window_strategy`` reproduce the run."""
         from avatar.io.atomic import atomic_torch_save
 
-        atomic_torch_save({"noise": noise.cpu(), "seed": job.seed, **vars(cond)}, job.output + ".intermediates.pt")
+        atomic_torch_save(tensors, job.output + ".intermediates.pt")
 
     def _report(self, job: Job, inputs: Inputs, strategy: str, stats, seams, seconds: float) -> dict:
         import diffusers
