@@ -106,28 +106,25 @@ class GuidedVelocity:
         phase = sched.cfg_phase(step, self.sampling)
         mask_scale = sched.face_mask_scale(step, self.sampling)
         branches = self.branches(step)
-        zeros_audio = torch.zeros_like(audio)
-        texts, masks, pooled, audios = [], [], [], []
-        for b in branches:
-            use_negative_text = b == 0 and phase == "joint"
-            texts.append(c.neg_text_states if use_negative_text else c.text_states)
-            masks.append(c.neg_text_mask if use_negative_text else c.text_mask)
-            pooled.append(c.neg_text_pooled if use_negative_text else c.text_pooled)
-            audios.append(zeros_audio if b == 0 else audio)
         dtype = self.dtype
+        # Shared by both branches; only the text and the audio differ.
+        common = dict(
+            x=x.to(dtype),
+            t=torch.full((1,), float(t), dtype=torch.float32, device=x.device),
+            ref_latents=c.ref_latents.to(dtype),
+            face_mask=(c.face_mask * mask_scale).to(dtype),
+        )
         outputs, reused = [], False
         # One forward per branch, also when this rank computes both: a batch of one is what a CFG-parallel rank
         # runs, so every plan gives bit-identical latents (a batch of two rounds differently in the matmuls).
-        for i, b in enumerate(branches):
+        for b in branches:
+            negative = b == 0 and phase == "joint"
             kwargs = dict(
-                x=x.to(dtype),
-                t=torch.full((1,), float(t), dtype=torch.float32, device=x.device),
-                ref_latents=c.ref_latents.to(dtype),
-                text_states=texts[i].to(dtype),
-                text_mask=masks[i],
-                text_states_2=pooled[i].to(dtype),
-                audio_feats=audios[i].unsqueeze(0).to(dtype),
-                face_mask=(c.face_mask * mask_scale).to(dtype),
+                common,
+                text_states=(c.neg_text_states if negative else c.text_states).to(dtype),
+                text_mask=c.neg_text_mask if negative else c.text_mask,
+                text_states_2=(c.neg_text_pooled if negative else c.text_pooled).to(dtype),
+                audio_feats=(torch.zeros_like(audio) if b == 0 else audio).unsqueeze(0).to(dtype),
             )
             key = (cache_key, b)
             if step in self.cached and key in self.cache_store:
@@ -167,11 +164,29 @@ def denoise_window_strategy(
     cache = sampling.cache if use_cache is None else use_cache
     velocity = GuidedVelocity(model, cond, sampling, arch, topo, dtype, cache, stats)
     with torch.inference_mode():
-        if strategy == "shift":
-            return denoise_shift(velocity, noise, cond, sampling, arch, topo)
-        if strategy == "blend":
-            return denoise_blend(velocity, noise, cond, sampling, arch, overlap, topo)
-    raise ValueError(f"strategy={strategy!r}: the stand-alone denoise takes 'shift' or 'blend'")
+        return denoise_whole_video(velocity, noise, cond, sampling, arch, strategy, overlap, topo)
+
+
+def denoise_whole_video(
+    velocity: GuidedVelocity,
+    noise: torch.Tensor,
+    cond: Conditioning,
+    sampling: SamplingConfig,
+    arch: ModelConfig,
+    strategy: str,
+    overlap: int,
+    topo: Topology,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    start_step: int = 0,
+    latents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The strategies that denoise the whole video in lockstep: ``shift`` (``overlap`` unused) or ``blend``."""
+    resume = dict(on_step=on_step, start_step=start_step, latents=latents)
+    if strategy == "shift":
+        return denoise_shift(velocity, noise, cond, sampling, arch, topo, **resume)
+    if strategy == "blend":
+        return denoise_blend(velocity, noise, cond, sampling, arch, overlap, topo, **resume)
+    raise ValueError(f"strategy={strategy!r}: the whole-video denoise takes 'shift' or 'blend'")
 
 
 def load_intermediates(path) -> tuple[torch.Tensor, Conditioning, dict]:

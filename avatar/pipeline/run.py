@@ -316,15 +316,14 @@ class Renderer:
                 else:
                     start_step, latents = resume.load(noise.shape)
                     with self.timer("denoise"):
-                        denoise = dn.denoise_shift if strategy == "shift" else dn.denoise_blend
-                        extra = () if strategy == "shift" else (default_overlap(cfg),)
-                        latents = denoise(
+                        latents = dn.denoise_whole_video(
                             velocity,
                             noise,
                             cond_dev,
                             sampling,
                             cfg.model,
-                            *extra,
+                            strategy,
+                            default_overlap(cfg),
                             topo,
                             on_step=resume.on_step,
                             start_step=start_step,

@@ -17,6 +17,16 @@ from avatar.config import OFFICIAL_VAE_DIR, OFFICIAL_WHISPER_DIR, ModelConfig
 TINY_WHISPER_VOCAB = 64
 
 
+def save_seeded_pretrained(model_class, config, processor, out: Path, seed: int) -> None:
+    """Build ``model_class(config)`` from ``seed`` without touching the global RNG and ``save_pretrained`` it with
+    its tokenizer or feature extractor into ``out``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
 def tiny_vae_config(cfg: ModelConfig) -> dict:
     """diffusers ``AutoencoderKLHunyuanVideo`` config for the tiny model: 4 blocks (8× spatial), 4× temporal."""
     num_blocks = cfg.vae_spatial_ratio.bit_length()  # log2(ratio) downsampling blocks + the last one
@@ -83,9 +93,5 @@ def make_tiny_whisper(root: str | Path, cfg: ModelConfig, seed: int = 0) -> Path
         suppress_tokens=None,
         begin_suppress_tokens=None,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 12)
-        model = WhisperModel(config)
-    model.save_pretrained(out)
-    WhisperFeatureExtractor(feature_size=80).save_pretrained(out)
+    save_seeded_pretrained(WhisperModel, config, WhisperFeatureExtractor(feature_size=80), out, seed + 12)
     return out

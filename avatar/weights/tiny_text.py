@@ -16,9 +16,8 @@ import math
 import re
 from pathlib import Path
 
-import torch
-
 from avatar.config import OFFICIAL_CLIP_DIR, OFFICIAL_LLAVA_DIR, ModelConfig
+from avatar.weights.tiny_cond import save_seeded_pretrained
 
 #: Llama-3 special tokens of the LLaVA tokenizer (BOS, template markers, image placeholder, pad).
 LLAVA_BOS = "<|begin_of_text|>"
@@ -149,6 +148,11 @@ def _image_processor_config(size: int) -> dict:
     }
 
 
+def _heads(width: int) -> int:
+    """Attention heads for a tiny width: 4, 2 or 1, whichever divides it first."""
+    return next(h for h in (4, 2, 1) if width % h == 0)
+
+
 def make_tiny_llava(root: str | Path, cfg: ModelConfig, seed: int = 0) -> Path:
     """Write a tiny ``LlavaForConditionalGeneration`` (Llama width ``text_states_dim``, 4 layers; CLIP vision tower
     at ``llava_image_size`` giving ``text_image_tokens`` patches) with its tokenizer and image processor config."""
@@ -158,7 +162,7 @@ def make_tiny_llava(root: str | Path, cfg: ModelConfig, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_llava_tokenizer()
     width = cfg.text_states_dim
-    heads = next(h for h in (4, 2, 1) if width % h == 0)
+    heads = _heads(width)
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=width,
@@ -192,11 +196,7 @@ def make_tiny_llava(root: str | Path, cfg: ModelConfig, seed: int = 0) -> Path:
         image_seq_length=cfg.text_image_tokens,
     )
     config.pad_token_id = tokenizer.pad_token_id
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 21)
-        model = LlavaForConditionalGeneration(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_seeded_pretrained(LlavaForConditionalGeneration, config, tokenizer, out, seed + 21)
     (out / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(cfg.llava_image_size), indent=2))
     return out
 
@@ -210,22 +210,17 @@ def make_tiny_clip(root: str | Path, cfg: ModelConfig, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_clip_tokenizer(cfg.clip_max_length)
     width = cfg.text_states_dim_2
-    heads = next(h for h in (4, 2, 1) if width % h == 0)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=width,
         intermediate_size=2 * width,
         projection_dim=width,
         num_hidden_layers=2,
-        num_attention_heads=heads,
+        num_attention_heads=_heads(width),
         max_position_embeddings=cfg.clip_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 22)
-        model = CLIPTextModel(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_seeded_pretrained(CLIPTextModel, config, tokenizer, out, seed + 22)
     return out

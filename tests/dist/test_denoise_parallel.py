@@ -56,9 +56,7 @@ def denoise(cfg, model, cond, sampling, topo, strategy: str) -> torch.Tensor:
     velocity = dn.GuidedVelocity(model, cond, sampling, cfg.model, topo, torch.float32, sampling.cache, stats)
     noise = dn.make_noise((1, cfg.model.latent_channels, NUM_LATENTS, SIDE, SIDE), seed=5)
     with torch.inference_mode():
-        if strategy == "shift":
-            return dn.denoise_shift(velocity, noise, cond, sampling, cfg.model, topo)
-        return dn.denoise_blend(velocity, noise, cond, sampling, cfg.model, 2, topo)
+        return dn.denoise_whole_video(velocity, noise, cond, sampling, cfg.model, strategy, 2, topo)
 
 
 def worker(rank: int, world: int, cases: list):
