@@ -63,8 +63,8 @@ def _remove(path: str | None) -> None:
 class VideoWriter:
     """Streams ``[n, H, W, 3]`` uint8 RGB frames into an H.264 mp4 at ``path``.
 
-    ``write`` any number of times, then ``close()`` (mux + atomic rename) or ``abort()`` (nothing at ``path``). As a
-    context manager it closes on success and aborts on an exception."""
+    ``write`` any number of times, then ``close()`` (mux + atomic rename; or ``finish()`` then ``commit()``) or
+    ``abort()`` (nothing at ``path``). As a context manager it closes on success and aborts on an exception."""
 
     def __init__(
         self,
@@ -95,6 +95,7 @@ class VideoWriter:
         self._state = "open"
         self._video_tmp = _temp_name(self.path, "video.mp4")
         self._mux_tmp: str | None = None
+        self._final: str | None = None
         self._log = tempfile.TemporaryFile()
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
         cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}"]
@@ -139,6 +140,13 @@ class VideoWriter:
         """Finish encoding, mux the audio (AAC, exactly the video's length) and rename onto ``path``."""
         if self._state == "closed":
             return
+        self.finish()
+        self.commit()
+
+    def finish(self) -> None:
+        """Finish encoding and mux the audio into a complete, fsynced temporary file; ``path`` is not touched yet.
+        Lets a caller record the output as done before it appears (``commit``), so a kill in between never leaves
+        an output that a rerun does not recognise as its own."""
         if self._state != "open":
             raise RuntimeError(f"VideoWriter for {self.path} is {self._state}")
         try:
@@ -148,13 +156,23 @@ class VideoWriter:
             code = self._proc.wait()
             if code != 0:
                 raise RuntimeError(f"ffmpeg failed encoding {self.path} (exit {code}): {_stderr_tail(self._log)}")
-            final = self._video_tmp
+            self._final = self._video_tmp
             if self.audio_path is not None:
                 self._mux_tmp = _temp_name(self.path, "mux.mp4")
                 self._mux(self._mux_tmp)
-                final = self._mux_tmp
-            fsync_path(final)
-            os.replace(final, self.path)
+                self._final = self._mux_tmp
+            fsync_path(self._final)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "finished"
+
+    def commit(self) -> None:
+        """Rename the finished file onto ``path`` (atomic) and remove the temporaries."""
+        if self._state != "finished":
+            raise RuntimeError(f"VideoWriter for {self.path} is {self._state}, not finished")
+        try:
+            os.replace(self._final, self.path)
         except BaseException:
             self.abort()
             raise
@@ -188,7 +206,7 @@ class VideoWriter:
 
     def __del__(self):
         try:
-            if self._state == "open":
+            if self._state in ("open", "finished"):
                 self.abort()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass

@@ -309,6 +309,7 @@ class Renderer:
             job.output,
         )
         seams = None
+        report_path = None
         try:
             with torch.inference_mode():
                 if strategy == "segments":
@@ -338,21 +339,28 @@ class Renderer:
                         )
             if writer is not None:
                 with self.timer("mux"):
-                    writer.close()
+                    writer.finish()
+            stats.windows = self._window_details(strategy, kept, infer_length, cfg)
+            stats.resumed_from_step = resume.resumed_from
+            report = {}
+            if topo.is_main:
+                report = self._report(job, inputs, strategy, stats, seams, time.perf_counter() - start)
+                from avatar.io.atomic import atomic_write_json
+
+                # Report and done mark first, the mp4 last: a kill in between leaves a done mark without its output,
+                # which a rerun renders again (done means done *and* the output exists); never an unrecognised mp4.
+                report_path = job.output + ".json"
+                atomic_write_json(report_path, report)
+                if state is not None:
+                    state.mark_done(key, {"output": os.path.abspath(job.output), "seconds": report["seconds_total"]})
+                writer.commit()
         except BaseException:
             if writer is not None:
                 writer.abort()
+            if report_path is not None:
+                Path(report_path).unlink(missing_ok=True)  # never a report beside a video it does not describe
             raise
-        stats.windows = self._window_details(strategy, kept, infer_length, cfg)
-        stats.resumed_from_step = resume.resumed_from
-        report = {}
         if topo.is_main:
-            report = self._report(job, inputs, strategy, stats, seams, time.perf_counter() - start)
-            from avatar.io.atomic import atomic_write_json
-
-            atomic_write_json(job.output + ".json", report)
-            if state is not None:
-                state.mark_done(key, {"output": os.path.abspath(job.output), "seconds": report["seconds_total"]})
             log.info(
                 "wrote %s (%d frames, %.1f s) in %.1f s",
                 job.output,

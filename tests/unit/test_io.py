@@ -270,6 +270,26 @@ def test_video_writer_abort_leaves_nothing(tmp_path):
         writer.write(_frames(1, 64, 64))
 
 
+def test_video_writer_finish_then_commit_publishes_only_at_commit(tmp_path):
+    out = tmp_path / "two_phase.mp4"
+    writer = VideoWriter(out, 25, 64, 64, audio_path=EXAMPLES / "speech_5s.wav", preset="ultrafast")
+    writer.write(_frames(10, 64, 64))
+    writer.finish()
+    assert not out.exists()  # complete, but not published
+    with pytest.raises(RuntimeError, match="finished"):
+        writer.write(_frames(1, 64, 64))
+    writer.commit()
+    assert probe(out).frames == 10 and _leftovers(tmp_path) == ["two_phase.mp4"]
+    # a finished file that is aborted instead of committed leaves nothing
+    other = VideoWriter(tmp_path / "dropped.mp4", 25, 64, 64, preset="ultrafast")
+    other.write(_frames(3, 64, 64))
+    other.finish()
+    other.abort()
+    assert _leftovers(tmp_path) == ["two_phase.mp4"]
+    with pytest.raises(RuntimeError, match="not finished"):
+        other.commit()
+
+
 def test_video_writer_exception_inside_with_leaves_nothing(tmp_path):
     out = tmp_path / "failed.mp4"
     out.write_bytes(b"previous result")
