@@ -188,8 +188,6 @@ class LongConfig:
     window)."""
     auto_segments_seconds: float = 20.0
     """With ``auto``: audio longer than this uses ``segments``, shorter uses ``shift``."""
-    max_cache_frames: int = 400
-    """Bound on the latent frames the sampler cache may hold; longer videos turn the cache off (logged)."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Preemption: SIGTERM/SIGUSR1 → checkpoint at the next step boundary → exit with ``EXIT_PREEMPTED``.
 
-The handler only sets a flag. The pipeline asks ``should_stop(group)`` at each step; under a process group the flag is
-all-reduced (MAX) so every rank sees the same answer at the same step, saves, and exits together.
+The handler only sets a flag. The pipeline asks ``Resume.stop_requested()`` (``avatar/pipeline/resume.py``) at each
+step boundary; under a process group the flag is all-reduced (MAX) so every rank sees the same answer at the same
+step, saves, and exits together.
 
 Slurm: ``scancel --signal=...`` and ``#SBATCH --signal=B:USR1@120`` reach the batch shell only; the templates in
 ``launch/slurm/`` trap them, forward SIGTERM to the ``srun`` step (srun passes it to torchrun, torchrun to the
@@ -62,28 +63,6 @@ class PreemptionHandler:
     def requested(self) -> bool:
         """This rank received a preemption signal."""
         return self.received is not None
-
-    def should_stop(self, group=None) -> bool:
-        """True on every rank once any rank of ``group`` (default: the world) has received a signal. A collective
-        when a process group is initialised: every rank of ``group`` must call it at the same step."""
-        if self._stopped:
-            return True
-        flag = self.requested
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            import torch
-
-            backend = str(dist.get_backend(group))
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-            value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-            flag = bool(value.item())
-        if flag:
-            self._stopped = True
-            name = signal.Signals(self.received).name if self.received else "a signal on another rank"
-            log.warning("preemption requested (%s): saving a checkpoint and exiting with %d", name, EXIT_PREEMPTED)
-        return flag
 
 
 def record_preemption() -> None:

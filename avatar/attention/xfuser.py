@@ -3,7 +3,7 @@
 
 Nothing else in the project imports xfuser or yunchang; both are imported lazily here. The backend needs CUDA and the
 ``[xdit]`` extra (xfuser 0.7.0, yunchang 0.6.4). It does not run on a CPU torch (``import xfuser`` needs triton and
-an accelerator) and has no key masks, so it supports only frame counts divisible by the sequence-parallel world and
+an accelerator) and has no key masks, so it supports only token counts per frame divisible by the sequence-parallel world and
 text masks that keep the same leading tokens in every batch row. Our own backend, ``attention.backend=native``,
 has none of these limits.
 """
@@ -73,13 +73,14 @@ class XfuserSequence(DistributedSequence):
     def __repr__(self) -> str:
         return f"XfuserSequence(ring={self.ring_size}, ulysses={self.ulysses_size})"
 
-    def shard_frames(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
-        if num_frames % self.world != 0:
+    def shard_tokens(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
+        tokens_per_frame = x.shape[dim] // num_frames
+        if tokens_per_frame % self.world != 0:
             raise ValueError(
-                f"attention.backend=xfuser needs the frame count ({num_frames}) divisible by the sequence-parallel "
-                f"world ({self.world}); attention.backend=native pads and masks instead"
+                f"attention.backend=xfuser needs the tokens per frame ({tokens_per_frame}) divisible by the "
+                f"sequence-parallel world ({self.world}); attention.backend=native pads and masks instead"
             )
-        return super().shard_frames(x, num_frames, dim)
+        return super().shard_tokens(x, num_frames, dim)
 
     def joint_attention(self, img_q, img_k, img_v, txt_q, txt_k, txt_v, img_key_mask, txt_key_mask):
         num_img = img_q.shape[1]

@@ -291,6 +291,12 @@ class TextEncoder:
         # Quirky mask: the *token* mask (image token counted once) + N - 1 ones, then the same crop.
         mask = torch.cat([token_mask, torch.ones(1, n - 1, dtype=torch.long, device=self.device)], dim=1)
         mask = mask[:, self.crop_start :]
+        expected = text_seq_len(self.cfg)
+        if states.shape[1] != expected or mask.shape[1] != expected:
+            raise RuntimeError(
+                f"LLaVA gave {states.shape[1]} states / {mask.shape[1]} mask entries after the crop, expected "
+                f"{expected} (text_len + text_image_tokens - 1): the weights do not match model={self.cfg.name}"
+            )
         return states.float(), mask.long()
 
     @torch.no_grad()

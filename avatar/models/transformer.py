@@ -34,8 +34,8 @@ NORM_EPS = 1e-6
 
 @dataclass
 class CachedInput:
-    """Input of the last single block, full sequence: img ``[B, T+1, F, D]`` (frame 0 = reference), txt
-    ``[B, L, D]``."""
+    """Input of the last single block, this rank's sequence shard: img ``[B, T+1, F_local, D]`` (frame 0 = the
+    reference frame, F_local = the rank's slice of every frame's tokens), txt ``[B, L, D]``."""
 
     img: torch.Tensor
     txt: torch.Tensor
@@ -480,11 +480,11 @@ class AvatarDiT(nn.Module):
             # 6. Output.
             self.final_layer = FinalLayer(dim, patch_volume * cfg.latent_channels)
 
-        self.adapter_index = {block: j for j, block in enumerate(cfg.adapter_after_double)}
-        if any(not 0 <= b < cfg.depth_double for b in self.adapter_index):
-            raise ValueError(
-                f"adapter_after_double {cfg.adapter_after_double} must index double blocks < {cfg.depth_double}"
-            )
+        # Adapters after positions beyond the double depth are built (their keys load) but never run, as in the
+        # official constructor, which builds all of them and runs those whose double block exists.
+        self.adapter_index = {block: j for j, block in enumerate(cfg.adapter_after_double) if block < cfg.depth_double}
+        if any(b < 0 for b in cfg.adapter_after_double):
+            raise ValueError(f"adapter_after_double {cfg.adapter_after_double} must be double-block indices >= 0")
         self.seq = LocalSequence()
         if dtype is not None:
             self.to_dtype(dtype)
@@ -547,18 +547,18 @@ class AvatarDiT(nn.Module):
         vec = vec + self.fps_proj(fps)
         vec = vec + self.vector_in(text_states_2)
 
-        # Positions, key masks (local shard of this rank's frames).
+        # Positions, key masks (this rank's slice of every frame's tokens).
+        tokens_per_frame = grid_h * grid_w
         rope_cos, rope_sin = rope_table(cfg, num_frames, grid_h, grid_w)
-        rope_cos = seq.shard_frames(rope_cos.to(x.device), num_seq_frames, dim=0)
-        rope_sin = seq.shard_frames(rope_sin.to(x.device), num_seq_frames, dim=0)
-        img_key_mask = self._padding_key_mask(num_seq_frames, grid_h * grid_w, x.device)
+        rope_cos = seq.shard_tokens(rope_cos.to(x.device), num_seq_frames, dim=0)
+        rope_sin = seq.shard_tokens(rope_sin.to(x.device), num_seq_frames, dim=0)
+        img_key_mask = seq.padding_key_mask(num_seq_frames, tokens_per_frame, x.device)
         txt_key_mask = torch.arange(num_txt, device=x.device)[None, :] < text_mask.sum(dim=1, keepdim=True)
 
         if cache == "reuse":
             if cached is None:
                 raise ValueError("cache='reuse' needs the CachedInput of an earlier cache='store' call")
-            img = seq.shard_frames(cached.img.flatten(1, 2), num_seq_frames)
-            x_seq = torch.cat([img, cached.txt], dim=1)
+            x_seq = torch.cat([cached.img.flatten(1, 2), cached.txt], dim=1)
         else:
             # 2. Audio tokens, grouped per latent frame: [B, 4T-3, A, D] -> [B, T, 4A, D].
             expected_audio = AUDIO_FRAMES_PER_LATENT * (num_frames - 1) + 1
@@ -576,23 +576,24 @@ class AvatarDiT(nn.Module):
             img = img + ref.to(img.dtype)
             ref_first = self.img_in(ref_latents[:, :, :1].to(dtype))
             img = torch.cat([ref_first, img], dim=1)
-            img = seq.shard_frames(img, num_seq_frames)
+            img = seq.shard_tokens(img, num_seq_frames)
 
             # 4. Text tokens.
             txt = self.txt_in(text_states, t, text_mask)
 
-            # 5. Face mask per token (zero on the reference frame), and this rank's audio per local frame.
+            # 5. Face mask per token (zero on the reference frame); audio tokens per sequence frame (zero on the
+            # reference frame, whose adapter output the mask zeroes anyway).
             token_face_mask = self._token_face_mask(face_mask, num_frames, grid_h, grid_w)
-            token_face_mask = seq.shard_frames(token_face_mask, num_seq_frames).unsqueeze(-1)
-            local_audio = self._local_audio(audio, num_seq_frames)
+            token_face_mask = seq.shard_tokens(token_face_mask, num_seq_frames).unsqueeze(-1)
+            frame_audio = torch.cat([torch.zeros_like(audio[:, :1]), audio], dim=1)
 
             # 6. Double blocks, each followed by its audio adapter where configured.
             for index, block in enumerate(self.double_blocks):
                 img, txt = block(img, txt, vec, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask)
                 if index in self.adapter_index:
                     adapter = self.audio_adapter_blocks[self.adapter_index[index]]
-                    frames = img.unflatten(1, (-1, grid_h * grid_w)).to(adapter.to_q.weight.dtype)
-                    out = adapter(local_audio.to(frames.dtype), frames).flatten(1, 2)
+                    frames = img.unflatten(1, (num_seq_frames, -1)).to(adapter.to_q.weight.dtype)
+                    out = adapter(frame_audio.to(frames.dtype), frames).flatten(1, 2)
                     img = img + (out * token_face_mask).to(img.dtype)
 
             # 7. Single blocks on [img; txt], all but the last (the cache point).
@@ -602,13 +603,12 @@ class AvatarDiT(nn.Module):
 
         stored = None
         if cache == "store":
-            full_img = seq.gather_frames(x_seq[:, :-num_txt], num_seq_frames)
-            stored = CachedInput(img=full_img.unflatten(1, (num_seq_frames, -1)), txt=x_seq[:, -num_txt:])
+            stored = CachedInput(img=x_seq[:, :-num_txt].unflatten(1, (num_seq_frames, -1)), txt=x_seq[:, -num_txt:])
         x_seq = self.single_blocks[-1](x_seq, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask)
 
         # 8. Output: final layer on the local image tokens, gather, drop the reference frame, unpatchify.
         out = self.final_layer(x_seq[:, :-num_txt], vec)
-        out = seq.gather_frames(out, num_seq_frames)[:, grid_h * grid_w :]
+        out = seq.gather_tokens(out, num_seq_frames, tokens_per_frame)[:, tokens_per_frame:]
         velocity = self._unpatchify(out, num_frames, grid_h, grid_w)
         return (velocity, stored) if cache == "store" else velocity
 
@@ -620,27 +620,10 @@ class AvatarDiT(nn.Module):
             values = torch.full((batch, NUM_MOTION_SCALARS), float(default), device=device)
         return embedder(values.reshape(-1)).reshape(batch, -1)
 
-    def _padding_key_mask(self, num_seq_frames: int, tokens_per_frame: int, device) -> torch.Tensor | None:
-        """``[S_local]`` bool, False on padding frames of this rank; None when it holds none."""
-        start, stop = self.seq.frame_range(num_seq_frames)
-        if stop <= num_seq_frames:
-            return None
-        valid = torch.arange(start, stop, device=device) < num_seq_frames
-        return valid.repeat_interleave(tokens_per_frame)
-
     def _token_face_mask(self, face_mask, num_frames, grid_h, grid_w) -> torch.Tensor:
         """``[B, (T+1)·F]`` float: the face mask nearest-resized to the token grid, zero on the reference frame."""
         mask = F.interpolate(face_mask.float(), size=(num_frames, grid_h, grid_w), mode="nearest").flatten(1)
         return torch.cat([torch.zeros_like(mask[:, : grid_h * grid_w]), mask], dim=1)
-
-    def _local_audio(self, audio: torch.Tensor, num_seq_frames: int) -> torch.Tensor:
-        """Audio tokens ``[B, n_local, 4A, D]`` of this rank's frames; zeros for the reference and padding frames."""
-        start, stop = self.seq.frame_range(num_seq_frames)
-        padded = audio.new_zeros(audio.shape[0], stop - start, *audio.shape[2:])
-        for local, frame in enumerate(range(start, min(stop, num_seq_frames))):
-            if frame > 0:
-                padded[:, local] = audio[:, frame - 1]
-        return padded
 
     def _unpatchify(self, tokens: torch.Tensor, num_frames: int, grid_h: int, grid_w: int) -> torch.Tensor:
         """``[B, T·gh·gw, C·pt·ph·pw]`` -> ``[B, C, T·pt, gh·ph, gw·pw]``."""

@@ -1,8 +1,9 @@
 """Sequence-parallel boundary used by the model files.
 
 The DiT never imports ``torch.distributed``. It receives an object with this interface and calls it at its declared
-boundaries: shard the image sequence along whole latent frames after embedding, run joint attention, gather the
-frames before unpatchify. ``LocalSequence`` is the single-process implementation; ``avatar/parallel/sequence.py``
+boundaries: shard the image sequence after embedding (every rank holds an equal slice of the tokens of *every* latent
+frame, so per-frame work such as the audio adapters and the sampler's per-frame cache never needs whole frames on one
+rank), run joint attention, gather the tokens before unpatchify. ``LocalSequence`` is the single-process implementation; ``avatar/parallel/sequence.py``
 holds the distributed one (Ulysses, Ring, both).
 
 Shapes: B batch, S image tokens (ref frame + video frames, each ``tokens_per_frame`` long), L text tokens,
@@ -16,6 +17,40 @@ import torch
 from avatar.attention import attention
 
 
+def token_range(rank: int, world: int, tokens_per_frame: int) -> tuple[int, int]:
+    """``[start, stop)`` of the tokens of every frame that sequence rank ``rank`` of ``world`` holds: an equal slice of
+    ``ceil(F / world)`` tokens; positions ``>= tokens_per_frame`` are padding."""
+    per = -(-tokens_per_frame // world)
+    return rank * per, (rank + 1) * per
+
+
+def shard_tokens(x: torch.Tensor, num_frames: int, rank: int, world: int, dim: int = 1) -> torch.Tensor:
+    """Rank ``rank``'s slice of every frame of ``x`` (``num_frames`` equal frames along ``dim``), frame-major,
+    zero-padded to ``ceil(F / world)`` tokens per frame."""
+    tokens_per_frame = x.shape[dim] // num_frames
+    if tokens_per_frame * num_frames != x.shape[dim]:
+        raise ValueError(f"{x.shape[dim]} tokens along dim {dim} are not {num_frames} equal frames")
+    if world == 1:
+        return x
+    frames = x.unflatten(dim, (num_frames, tokens_per_frame))
+    start, stop = token_range(rank, world, tokens_per_frame)
+    kept = frames.narrow(dim + 1, min(start, tokens_per_frame), max(0, min(stop, tokens_per_frame) - start))
+    missing = (stop - start) - kept.shape[dim + 1]
+    if missing:
+        shape = list(kept.shape)
+        shape[dim + 1] = missing
+        kept = torch.cat([kept, kept.new_zeros(shape)], dim=dim + 1)
+    return kept.flatten(dim, dim + 1)
+
+
+def unshard_tokens(parts: list[torch.Tensor], num_frames: int, tokens_per_frame: int, dim: int = 1) -> torch.Tensor:
+    """Inverse of :func:`shard_tokens`: the shards of every sequence rank, in rank order, to the whole sequence."""
+    if len(parts) == 1:
+        return parts[0]
+    frames = torch.cat([p.unflatten(dim, (num_frames, -1)) for p in parts], dim=dim + 1)
+    return frames.narrow(dim + 1, 0, tokens_per_frame).flatten(dim, dim + 1)
+
+
 class LocalSequence:
     """One process holds the whole sequence: every boundary is the identity."""
 
@@ -25,21 +60,25 @@ class LocalSequence:
     def __init__(self, kernel: str = "sdpa") -> None:
         self.kernel = kernel
 
-    def frames_per_rank(self, num_frames: int) -> int:
-        """Frames each rank holds after padding ``num_frames`` up to a multiple of ``world``."""
-        return -(-num_frames // self.world)
+    def tokens_per_rank(self, tokens_per_frame: int) -> int:
+        """Tokens of every frame each rank holds (padded up to an equal slice)."""
+        start, stop = token_range(self.rank, self.world, tokens_per_frame)
+        return stop - start
 
-    def frame_range(self, num_frames: int) -> tuple[int, int]:
-        """Global ``[start, stop)`` frame indices held by this rank; indices ``>= num_frames`` are padding."""
-        per = self.frames_per_rank(num_frames)
-        return self.rank * per, (self.rank + 1) * per
+    def padding_key_mask(self, num_frames: int, tokens_per_frame: int, device) -> torch.Tensor | None:
+        """``[num_frames · tokens_per_rank]`` bool, False on this rank's padding tokens; None when it holds none."""
+        start, stop = token_range(self.rank, self.world, tokens_per_frame)
+        if stop <= tokens_per_frame:
+            return None
+        valid = torch.arange(start, stop, device=device) < tokens_per_frame
+        return valid.repeat(num_frames)
 
-    def shard_frames(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
-        """Split ``x`` (``num_frames`` equal frames along ``dim``) into this rank's frames, zero-padded."""
-        return x
+    def shard_tokens(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
+        """This rank's slice of every one of the ``num_frames`` frames of ``x`` along ``dim`` (frame-major)."""
+        return shard_tokens(x, num_frames, self.rank, self.world, dim)
 
-    def gather_frames(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
-        """Inverse of ``shard_frames``: every rank gets all ``num_frames`` frames, padding dropped."""
+    def gather_tokens(self, x: torch.Tensor, num_frames: int, tokens_per_frame: int, dim: int = 1) -> torch.Tensor:
+        """Inverse of ``shard_tokens``: every rank gets the whole sequence, padding dropped."""
         return x
 
     def joint_attention(

@@ -1,7 +1,6 @@
 """Every collective we issue goes through this module, which counts calls and bytes per category.
 
-``comm_stats()`` is the process-wide ``CommStats``; tests reset it and count the collectives of one forward, the
-bench prints the bytes. "Bytes" are the bytes this rank *sends* under the usual ring/pairwise algorithms:
+``counting()`` counts the collectives issued inside a block (the renderer's run report, tests, the bench). "Bytes" are the bytes this rank *sends* under the usual ring/pairwise algorithms:
 all_to_all_single: the input minus the slice kept locally; all_gather: its tensor to each of the n−1 others (n−1
 chunks around a ring); isend: the tensor; broadcast: the tensor on the source, 0 elsewhere; all_reduce: 2·(n−1)/n of
 the tensor (reduce-scatter + all-gather).
@@ -14,7 +13,6 @@ Groups: ``broadcast*``/``all_reduce`` follow torch (None = the default group); t
 from __future__ import annotations
 
 import io
-import math
 import pickle
 from collections import defaultdict
 from collections.abc import Iterator
@@ -38,35 +36,17 @@ class CommStats:
         self.calls[category] += 1
         self.bytes[category] += int(num_bytes)
 
-    def reset(self) -> None:
-        self.calls.clear()
-        self.bytes.clear()
-
-    @property
-    def total_calls(self) -> int:
-        return sum(self.calls.values())
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes.values())
-
     def snapshot(self) -> dict[str, tuple[int, int]]:
         """``category -> (calls, bytes)`` for the categories used so far."""
         return {name: (self.calls[name], self.bytes[name]) for name in CATEGORIES if self.calls.get(name)}
 
 
-_STATS = CommStats()
-_COUNTERS: list[CommStats] = []  # extra counters of the active ``counting()`` blocks
-
-
-def comm_stats() -> CommStats:
-    """The process-wide counters."""
-    return _STATS
+_COUNTERS: list[CommStats] = []  # the counters of the active ``counting()`` blocks
 
 
 @contextmanager
 def counting() -> Iterator[CommStats]:
-    """Count the collectives issued inside the block into a fresh ``CommStats`` (the global one keeps counting)."""
+    """Count the collectives issued inside the block into a fresh ``CommStats`` (blocks may nest)."""
     fresh = CommStats()
     _COUNTERS.append(fresh)
     try:
@@ -76,7 +56,6 @@ def counting() -> Iterator[CommStats]:
 
 
 def _record(category: str, num_bytes: int) -> None:
-    _STATS.record(category, num_bytes)
     for counter in _COUNTERS:
         counter.record(category, num_bytes)
 
@@ -177,24 +156,15 @@ def broadcast_object(obj, src: int = 0, group=None, device: torch.device | None 
     return torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), weights_only=False)
 
 
-def broadcast_tensor(tensor: torch.Tensor | None, src: int = 0, group=None, device: torch.device | None = None):
-    """Broadcast a tensor whose shape and dtype only the source knows (others pass None); returns it on ``device``
-    (default: the source tensor's device type, CPU on the receivers)."""
-    if not dist.is_initialized() or group_size(group if group is not None else dist.group.WORLD) == 1:
-        return tensor
-    is_source = dist.get_rank() == src
-    meta = broadcast_object((tuple(tensor.shape), tensor.dtype) if is_source else None, src, group)
-    shape, dtype = meta
-    target = device or (tensor.device if is_source else torch.device("cpu"))
-    where = comm_device(group, target if target.type == "cuda" else torch.device("cpu"))
-    # Sent as raw bytes: gloo lacks some dtypes (int16, bool, ...) and the bytes are exact for all of them.
-    if is_source:
-        buffer = tensor.detach().to(where).contiguous().reshape(-1).view(torch.uint8)
-    else:
-        num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        buffer = torch.empty(num_bytes, dtype=torch.uint8, device=where)
-    broadcast(buffer, src, group)
-    return buffer.view(dtype).reshape(shape).to(target)
+def all_gather_object(obj, group) -> list:
+    """Every rank's picklable ``obj`` in group-rank order (``[obj]`` without a group)."""
+    size = group_size(group)
+    if size == 1:
+        return [obj]
+    _record("all_gather", len(pickle.dumps(obj)) * (size - 1))
+    objects: list = [None] * size
+    dist.all_gather_object(objects, obj, group=group)
+    return objects
 
 
 def cfg_exchange(v_local: torch.Tensor, cfg_group) -> torch.Tensor:

@@ -4,10 +4,10 @@ log-sum-exp merging), and both together (USP: Ulysses inside, Ring across).
 Shapes: B batch, S image tokens held by this rank, L text tokens (replicated), H heads, D head dim, U ulysses size,
 R ring size, h = H/U heads after the head scatter.
 
-Sharding is along whole latent frames: the frame count is padded with zero frames up to a multiple of the
-sequence-parallel world (R·U); padding tokens are masked as keys, so any token count and any world size work.
-Sequence rank s = ring_rank·U + ulysses_rank holds frames ``[s·n, (s+1)·n)``; after the Ulysses all-to-all, ring
-rank r holds the contiguous tokens of sequence ranks ``r·U … r·U+U−1``.
+Sharding is within frames (``avatar/parallel/base.py``): sequence rank s = ring_rank·U + ulysses_rank holds tokens
+``[s·n, (s+1)·n)`` of every latent frame, n = ceil(F / (R·U)); where R·U does not divide the F tokens of a frame the
+slices are zero-padded and the padding is masked as keys, so any token count and any world size work. After the
+Ulysses all-to-all, ring rank r holds the tokens of sequence ranks ``r·U … r·U+U−1``.
 
 Collectives per ``joint_attention`` call (all counted in ``avatar.parallel.comm``):
 
@@ -30,14 +30,14 @@ import torch
 from avatar.attention import attention
 from avatar.attention.lse import attention_with_lse, merge_partials
 from avatar.parallel import comm
-from avatar.parallel.base import LocalSequence
+from avatar.parallel.base import LocalSequence, unshard_tokens
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("native", "xfuser")
 
 
-class DistributedSequence:
+class DistributedSequence(LocalSequence):
     """The ``LocalSequence`` interface over a ring group and a ulysses group (either may be None = size 1)."""
 
     def __init__(self, ring_group=None, ulysses_group=None, kernel: str = "sdpa") -> None:
@@ -54,39 +54,25 @@ class DistributedSequence:
     def __repr__(self) -> str:
         return f"DistributedSequence(ring={self.ring_size}, ulysses={self.ulysses_size}, kernel={self.kernel!r})"
 
-    # --- frames ------------------------------------------------------------------------------------------------------
+    # --- tokens ------------------------------------------------------------------------------------------------------
 
-    def frames_per_rank(self, num_frames: int) -> int:
-        """Frames each rank holds after padding ``num_frames`` up to a multiple of ``world``."""
-        return -(-num_frames // self.world)
+    def shard_tokens(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
+        """This rank's slice of every frame (``LocalSequence.shard_tokens``); remembers the layout so that Ulysses can
+        put the gathered sequence back into token order."""
+        self._layout = (num_frames, x.shape[dim] // num_frames)
+        return super().shard_tokens(x, num_frames, dim)
 
-    def frame_range(self, num_frames: int) -> tuple[int, int]:
-        """Global ``[start, stop)`` frame indices held by this rank; indices ``>= num_frames`` are padding."""
-        per = self.frames_per_rank(num_frames)
-        return self.rank * per, (self.rank + 1) * per
-
-    def shard_frames(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
-        """This rank's frames of ``x`` (``num_frames`` equal frames along ``dim``), zero frames past the end."""
-        tokens_per_frame = x.shape[dim] // num_frames
-        assert tokens_per_frame * num_frames == x.shape[dim], "x must hold num_frames equal frames along dim"
-        start, stop = (index * tokens_per_frame for index in self.frame_range(num_frames))
-        kept = x.narrow(dim, min(start, x.shape[dim]), max(0, min(stop, x.shape[dim]) - start))
-        missing = (stop - start) - kept.shape[dim]
-        if missing == 0:
-            return kept
-        shape = list(x.shape)
-        shape[dim] = missing
-        return torch.cat([kept, x.new_zeros(shape)], dim=dim)
-
-    def gather_frames(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
-        """Inverse of ``shard_frames``: every rank gets all ``num_frames`` frames, padding dropped."""
-        tokens_per_frame = x.shape[dim] // self.frames_per_rank(num_frames)
+    def gather_tokens(self, x: torch.Tensor, num_frames: int, tokens_per_frame: int, dim: int = 1) -> torch.Tensor:
+        """Inverse of ``shard_tokens``: every rank gets the whole sequence, padding dropped."""
         x = x.contiguous()
+        parts = [x]
         if self.ulysses_size > 1:
-            x = torch.cat(comm.all_gather(x, self.ulysses_group), dim=dim)
+            parts = comm.all_gather(x, self.ulysses_group)
         if self.ring_size > 1:
-            x = torch.cat(comm.all_gather(x, self.ring_group), dim=dim)
-        return x.narrow(dim, 0, num_frames * tokens_per_frame)
+            # Sequence rank s = ring_rank·U + ulysses_rank: gather the ulysses-ordered stack over the ring.
+            stacked = torch.stack(parts)
+            parts = [p for block in comm.all_gather(stacked, self.ring_group) for p in block.unbind(0)]
+        return unshard_tokens(parts, num_frames, tokens_per_frame, dim)
 
     # --- attention ---------------------------------------------------------------------------------------------------
 
@@ -115,8 +101,16 @@ class DistributedSequence:
         )
         if num_heads % self.ulysses_size != 0:
             raise ValueError(f"{num_heads} heads are not divisible by ulysses={self.ulysses_size}")
+        # Ulysses alone: the gathered sequence is put back into token order with the padding dropped, so attention
+        # sees exactly one process's sequence (bit-identical results); under Ring the blocks stay as they are.
+        layout = getattr(self, "_layout", None) if self.ring_size == 1 else None
+        if layout is not None and num_img != layout[0] * self.tokens_per_rank(layout[1]):
+            layout = None
         if self.ulysses_size > 1:
             q, k, v, mask = self._scatter_heads(img_q, img_k, img_v, img_mask)
+            if layout is not None:
+                q, k, v = (self._to_token_order(t, *layout) for t in (q, k, v))
+                mask = torch.ones(batch, q.shape[1], dtype=torch.bool, device=device)
             heads = num_heads // self.ulysses_size
             first = self.ulysses_rank * heads
             tq, tk, tv = (t[:, :, first : first + heads] for t in (txt_q, txt_k, txt_v))
@@ -138,9 +132,31 @@ class DistributedSequence:
             img_out, txt_out = out[:, :num_q], out[:, num_q:]
 
         if self.ulysses_size > 1:
+            if layout is not None:
+                img_out = self._from_token_order(img_out, *layout)
             img_out = self._gather_heads(img_out, num_img)
             txt_out = torch.cat(comm.all_gather(txt_out.contiguous(), self.ulysses_group), dim=2)
         return img_out, txt_out
+
+    def _to_token_order(self, t: torch.Tensor, num_frames: int, tokens_per_frame: int) -> torch.Tensor:
+        """``[B, U·T·n, h, D]`` as gathered (ulysses rank, frame, slice position) → ``[B, T·F, h, D]`` in token order,
+        padding dropped."""
+        batch, _, heads, head_dim = t.shape
+        size, per = self.ulysses_size, self.tokens_per_rank(tokens_per_frame)
+        t = t.reshape(batch, size, num_frames, per, heads, head_dim).transpose(1, 2)
+        t = t.reshape(batch, num_frames, size * per, heads, head_dim)[:, :, :tokens_per_frame]
+        return t.reshape(batch, num_frames * tokens_per_frame, heads, head_dim)
+
+    def _from_token_order(self, t: torch.Tensor, num_frames: int, tokens_per_frame: int) -> torch.Tensor:
+        """Inverse of :meth:`_to_token_order` (zero rows at the padding)."""
+        batch, _, heads, head_dim = t.shape
+        size, per = self.ulysses_size, self.tokens_per_rank(tokens_per_frame)
+        t = t.reshape(batch, num_frames, tokens_per_frame, heads, head_dim)
+        if size * per > tokens_per_frame:
+            pad = t.new_zeros(batch, num_frames, size * per - tokens_per_frame, heads, head_dim)
+            t = torch.cat([t, pad], dim=2)
+        t = t.reshape(batch, num_frames, size, per, heads, head_dim).transpose(1, 2)
+        return t.reshape(batch, size * num_frames * per, heads, head_dim)
 
     def _scatter_heads(self, q, k, v, mask):
         """Ulysses: ``[B, S, H, D]`` × 3 + mask ``[B, S]`` → ``[B, U·S, h, D]`` × 3 + ``[B, U·S]`` in one

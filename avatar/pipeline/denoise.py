@@ -1,21 +1,22 @@
 """The denoise stage: callable on its own with explicit noise and precomputed conditioning.
 
-``denoise(model, cond, noise, sampling, long, topology)`` runs the flow-matching Euler loop over the whole latent
-video with one of the long-audio strategies:
+One guided velocity (:class:`GuidedVelocity`: the two-phase CFG of dossier §4.3, one batch-of-one DiT forward per
+branch, the deep cache of ``avatar/pipeline/cache.py``, the official casts) and two loops over it:
 
-- ``shift``: the official scheme (circular windows whose grid moves by ``shift_offset`` every step, averaged with a
-  counter, official dtype roundings with ``fidelity=official``), without the official 400-frame cap.
-- ``blend``: fixed overlapping windows denoised in lockstep; after every step the overlaps are averaged with smooth
-  weights.
-- ``segments``: handled by ``denoise_window_to_end`` per segment (see ``avatar/pipeline/run.py``).
+- :func:`denoise_lockstep` (``shift``, ``blend``): every step evaluates all windows of the strategy, spread over the
+  data-parallel groups, and averages their stepped latents in window order (``stitch.WindowAccumulator``), so the
+  result does not depend on the number of groups;
+- :func:`denoise_segment` (``segments``): one window from its noise to the end, with its own cache, freed after.
 
-Windows of one step are spread over the data-parallel groups and their results are combined in window order, so the
-result does not depend on the number of groups. Classifier-free guidance runs both branches in one batch, or one
-branch per CFG-parallel half with one exchange per step.
+``fidelity=official`` reproduces the official dtypes: inputs as fp16 (the official latent/conditioning dtype), the
+face mask scaled in fp16, the DiT under bf16 autocast on CUDA (its fp32 modules included) and its output rounded to
+bf16, the guidance combined in bf16, the Euler step in fp32, stored as bf16 into an fp16 buffer divided by an fp16
+counter. ``fidelity=fp32`` is an exact float32 path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -24,7 +25,9 @@ import torch
 
 from avatar.config import ModelConfig, SamplingConfig
 from avatar.pipeline import schedule as sched
-from avatar.pipeline import windows as win
+from avatar.pipeline import strategies as strat
+from avatar.pipeline.cache import CachePlan, DeepCache
+from avatar.pipeline.stitch import WindowAccumulator
 from avatar.pipeline.topology import Topology
 from avatar.progress import progress
 
@@ -62,85 +65,178 @@ class DenoiseStats:
     num_latents: int = 0
     infer_length: int = 0
     windows_per_step: int = 0
-    model_calls: int = 0
-    cached_calls: int = 0
+    window_calls: int = 0  # guided-velocity evaluations (window × step), all data groups together
+    cached_window_calls: int = 0  # of which on the cached steps
+    forwards: int = 0  # DiT forwards this rank ran (one per CFG branch it computes per window call it owns)
+    cached_forwards: int = 0  # of which last-block-only forwards on cached input
     cache: str = "off"
+    cache_bytes_per_rank: int = 0  # peak bytes of the deep-cache buffers on this rank
+    cache_image_bytes_per_rank: int = 0  # of which image rows (frames × tokens per rank × width × bytes)
     resumed_from_step: int | None = None
     windows: list[dict] = field(default_factory=list)
 
+    def record_cache(self, cache: DeepCache | None) -> None:
+        if cache is not None:
+            self.cache_bytes_per_rank = max(self.cache_bytes_per_rank, cache.stats.peak_bytes)
+            self.cache_image_bytes_per_rank = max(self.cache_image_bytes_per_rank, cache.stats.peak_image_bytes)
+
 
 class GuidedVelocity:
-    """Model + two-phase CFG + cache reuse for one window at one step."""
+    """Model + two-phase CFG + deep cache for one window at one step (this rank's CFG branches)."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         cond: Conditioning,
         sampling: SamplingConfig,
-        arch: ModelConfig,
         topology: Topology,
         compute_dtype: torch.dtype,
-        use_cache: bool,
         stats: DenoiseStats,
     ) -> None:
         self.model = model
         self.cond = cond
         self.sampling = sampling
-        self.arch = arch
         self.topo = topology
         self.dtype = compute_dtype
-        self.use_cache = use_cache
-        self.cached = sched.cached_steps(sampling.steps) if use_cache else frozenset()
         self.stats = stats
-        self.cache_store: dict = {}
+        self.official = sampling.fidelity == "official"
+        self.sigmas, self.timesteps = sched.flow_timesteps(sampling.steps, sampling.shift)
+        # A batch of one per branch, also when this rank computes both: a batch of one is what a CFG-parallel rank
+        # runs, so every plan gives bit-identical latents (a batch of two rounds differently in the matmuls).
+        self.branches = [topology.cfg_rank] if topology.cfg_size == 2 else [0, 1]
 
-    def branches(self, step: int) -> list[int]:
-        """Branch indices this rank computes: 0 = unconditional, 1 = conditional."""
-        if self.topo.cfg_size == 2:
-            return [self.topo.cfg_rank]
-        return [0, 1]
+    def _input(self, t: torch.Tensor) -> torch.Tensor:
+        """A floating input as the DiT gets it: through fp16 first under ``fidelity=official``."""
+        return (t.half() if self.official else t).to(self.dtype)
 
-    def __call__(self, x: torch.Tensor, t: float, step: int, audio: torch.Tensor, cache_key) -> torch.Tensor:
-        """x ``[1, C, T, h, w]``; audio ``[4T-3, window, layers, channels]``. Returns the guided velocity (fp32)."""
+    def _autocast(self, device: torch.device):
+        if self.official and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def __call__(
+        self, x: torch.Tensor, step: int, audio: torch.Tensor, frames: list[int], window: int, cache: DeepCache | None
+    ) -> torch.Tensor:
+        """Guided velocity of window ``window`` over absolute latent ``frames`` (x ``[1, C, T, h, w]``, audio
+        ``[4T-3, window, layers, channels]``): fp32, or bf16 under ``fidelity=official``."""
         c = self.cond
         phase = sched.cfg_phase(step, self.sampling)
         mask_scale = sched.face_mask_scale(step, self.sampling)
-        branches = self.branches(step)
-        dtype = self.dtype
-        # Shared by both branches; only the text and the audio differ.
+        mode = cache.mode(step) if cache is not None else None
+        if self.official:  # the official face mask is fp16 and scaled in fp16
+            face_mask = c.face_mask.half() * mask_scale if mask_scale != 1.0 else c.face_mask.half()
+        else:
+            face_mask = c.face_mask * mask_scale
         common = dict(
-            x=x.to(dtype),
-            t=torch.full((1,), float(t), dtype=torch.float32, device=x.device),
-            ref_latents=c.ref_latents.to(dtype),
-            face_mask=(c.face_mask * mask_scale).to(dtype),
+            x=self._input(x),
+            t=self.timesteps[step : step + 1].to(x.device),
+            ref_latents=self._input(c.ref_latents),
+            face_mask=face_mask.to(self.dtype),
         )
-        outputs, reused = [], False
-        # One forward per branch, also when this rank computes both: a batch of one is what a CFG-parallel rank
-        # runs, so every plan gives bit-identical latents (a batch of two rounds differently in the matmuls).
-        for b in branches:
+        outputs = []
+        for b in self.branches:
             negative = b == 0 and phase == "joint"
             kwargs = dict(
                 common,
-                text_states=(c.neg_text_states if negative else c.text_states).to(dtype),
+                text_states=self._input(c.neg_text_states if negative else c.text_states),
                 text_mask=c.neg_text_mask if negative else c.text_mask,
-                text_states_2=(c.neg_text_pooled if negative else c.text_pooled).to(dtype),
-                audio_feats=(torch.zeros_like(audio) if b == 0 else audio).unsqueeze(0).to(dtype),
+                text_states_2=self._input(c.neg_text_pooled if negative else c.text_pooled),
+                audio_feats=self._input(torch.zeros_like(audio) if b == 0 else audio).unsqueeze(0),
             )
-            key = (cache_key, b)
-            if step in self.cached and key in self.cache_store:
-                outputs.append(self.model(**kwargs, cache="reuse", cached=self.cache_store[key]))
-                reused = True
-            elif self.use_cache:
-                v, self.cache_store[key] = self.model(**kwargs, cache="store")
-                outputs.append(v)
-            else:
-                outputs.append(self.model(**kwargs))
+            with self._autocast(x.device):
+                if mode == "reuse":
+                    out = self.model(**kwargs, cache="reuse", cached=cache.read(b, frames))
+                elif mode == "store":
+                    out, stored = self.model(**kwargs, cache="store")
+                    cache.stage(b, window, frames, stored)
+                else:
+                    out = self.model(**kwargs)
+            outputs.append(out)
+        self.stats.forwards += len(outputs)
+        self.stats.cached_forwards += len(outputs) if mode == "reuse" else 0
         v = torch.cat(outputs)
-        self.stats.model_calls += 1
-        self.stats.cached_calls += int(reused)
-        v = self.topo.all_gather_cfg(v.float())
+        v = v.to(torch.bfloat16) if self.official else v.float()
+        v = self.topo.all_gather_cfg(v)
         scale = sched.guidance_scale(step, self.sampling)
         return v[0:1] + scale * (v[1:2] - v[0:1])
+
+    def step(
+        self, x: torch.Tensor, step: int, audio: torch.Tensor, frames: list[int], window: int, cache: DeepCache | None
+    ) -> torch.Tensor:
+        """One guided Euler step of the window (fp32)."""
+        v = self(x, step, audio, frames, window, cache)
+        return sched.euler_step(x, v, self.sigmas[step], self.sigmas[step + 1])
+
+
+def _count(stats: DenoiseStats, cache: DeepCache | None, step: int, windows: int) -> None:
+    stats.window_calls += windows
+    if cache is not None and cache.mode(step) == "reuse":
+        stats.cached_window_calls += windows
+
+
+def denoise_lockstep(
+    strategy: strat.Strategy,
+    velocity: GuidedVelocity,
+    noise: torch.Tensor,
+    cache: DeepCache | None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    start_step: int = 0,
+    latents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``shift``/``blend``: the whole domain ``[1, C, strategy.domain, h, w]`` from ``noise`` (or ``latents`` after
+    ``start_step`` steps) to the end."""
+    topo, stats, cond = velocity.topo, velocity.stats, velocity.cond
+    x = noise.clone() if latents is None else latents.clone()
+    if strategy.accumulate == "official":
+        x = x.to(torch.float16).float()
+    weights = strategy.weights()
+    for step in steps_range(start_step, velocity.sampling.steps, topo):
+        windows = strategy.windows(step)
+        mine = {}
+        for index, frames in enumerate(windows):
+            if not topo.owns(index):
+                continue
+            audio = strategy.window_audio(cond.audio_feats, step, index)
+            mine[index] = velocity.step(x[:, :, frames], step, audio, frames, index, cache)
+        if cache is not None:
+            cache.commit(topo.data_group)
+        results = topo.all_gather_data(mine)
+        acc = WindowAccumulator(x.shape, fidelity=strategy.accumulate, device=x.device)
+        for index, frames in enumerate(windows):
+            acc.add(index, frames, results[index], None if weights is None else weights[index])
+        x = acc.result()
+        _count(stats, cache, step, len(windows))
+        if on_step is not None:
+            on_step(step, x)
+    stats.record_cache(cache)
+    return x
+
+
+def denoise_segment_step(
+    velocity: GuidedVelocity,
+    strategy: strat.Strategy,
+    index: int,
+    x: torch.Tensor,
+    step: int,
+    cache: DeepCache | None,
+) -> torch.Tensor:
+    """One step of segment ``index`` on its own (its cache spans only its frames, counted from 0)."""
+    frames = list(range(strategy.window))
+    audio = strategy.window_audio(velocity.cond.audio_feats, step, index)
+    stepped = velocity.step(x, step, audio, frames, 0, cache)
+    if cache is not None:
+        cache.commit(None)
+    acc = WindowAccumulator(x.shape, fidelity=strategy.accumulate, device=x.device)
+    acc.add(0, frames, stepped)
+    _count(velocity.stats, cache, step, 1)
+    return acc.result()
+
+
+def new_cache(sampling: SamplingConfig, num_frames: int) -> DeepCache | None:
+    """The deep cache over ``num_frames`` latents, or None with ``sampling.cache=false``."""
+    if not sampling.cache:
+        return None
+    return DeepCache(CachePlan.for_steps(sampling.steps, True), num_frames)
 
 
 def denoise_window_strategy(
@@ -156,37 +252,21 @@ def denoise_window_strategy(
     topology: Topology | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The denoise stage on its own: explicit initial noise and precomputed conditioning in, final latents out
-    (``shift`` or ``blend``). With the tensors a run saved (``save_intermediates=true``, see
-    ``load_intermediates``) this reproduces that run's latents."""
+    """The denoise stage on its own: explicit initial noise and precomputed conditioning in, final latents of the
+    whole domain out (``shift`` or ``blend``). With the tensors a run saved (``save_intermediates=true``, see
+    :func:`load_intermediates`) this reproduces that run's latents."""
+    from dataclasses import replace
+
     topo = topology or Topology()
+    if use_cache is not None:
+        sampling = replace(sampling, cache=use_cache)
+    plan = strat.make(strategy, arch, cond.num_frames, overlap, sampling.fidelity)
+    if plan.name == "segments":
+        raise ValueError("strategy='segments' is rendered per segment by the renderer; use 'shift' or 'blend'")
     stats = DenoiseStats(strategy=strategy)
-    cache = sampling.cache if use_cache is None else use_cache
-    velocity = GuidedVelocity(model, cond, sampling, arch, topo, dtype, cache, stats)
+    velocity = GuidedVelocity(model, cond, sampling, topo, dtype, stats)
     with torch.inference_mode():
-        return denoise_whole_video(velocity, noise, cond, sampling, arch, strategy, overlap, topo)
-
-
-def denoise_whole_video(
-    velocity: GuidedVelocity,
-    noise: torch.Tensor,
-    cond: Conditioning,
-    sampling: SamplingConfig,
-    arch: ModelConfig,
-    strategy: str,
-    overlap: int,
-    topo: Topology,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
-    start_step: int = 0,
-    latents: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The strategies that denoise the whole video in lockstep: ``shift`` (``overlap`` unused) or ``blend``."""
-    resume = dict(on_step=on_step, start_step=start_step, latents=latents)
-    if strategy == "shift":
-        return denoise_shift(velocity, noise, cond, sampling, arch, topo, **resume)
-    if strategy == "blend":
-        return denoise_blend(velocity, noise, cond, sampling, arch, overlap, topo, **resume)
-    raise ValueError(f"strategy={strategy!r}: the whole-video denoise takes 'shift' or 'blend'")
+        return denoise_lockstep(plan, velocity, noise, new_cache(sampling, plan.domain))
 
 
 def load_intermediates(path) -> tuple[torch.Tensor, Conditioning, dict]:
@@ -203,168 +283,6 @@ def make_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Initial noise from a CPU generator seeded by the run seed: the same on every rank and world size."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
-
-
-def window_audio(audio_feats: torch.Tensor, start_latent: int, window: int, total_latents: int | None) -> torch.Tensor:
-    """Audio rows for a window of ``window`` latents starting at latent ``start_latent``: video frames
-    ``4s .. 4s + 4T - 4``; circular over ``4 * total_latents`` frames when ``total_latents`` is given (shift strategy),
-    zero past the end otherwise."""
-    num_rows = 4 * window - 3
-    first = 4 * start_latent
-    if total_latents is not None:
-        period = 4 * total_latents
-        index = torch.tensor([(first + j) % period for j in range(num_rows)])
-        padded = _pad_rows(audio_feats, period)
-        return padded[index]
-    return _pad_rows(audio_feats, first + num_rows)[first : first + num_rows]
-
-
-def _pad_rows(x: torch.Tensor, length: int) -> torch.Tensor:
-    if x.shape[0] >= length:
-        return x
-    pad = torch.zeros((length - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    return torch.cat([x, pad])
-
-
-def _round_official(x: torch.Tensor, fidelity: str) -> torch.Tensor:
-    """The official storage rounding of a stepped window (fp32 → bf16 → fp16 buffer)."""
-    if fidelity == "official":
-        return x.to(torch.bfloat16).to(torch.float16)
-    return x
-
-
-def denoise_shift(
-    velocity: GuidedVelocity,
-    noise: torch.Tensor,
-    cond: Conditioning,
-    sampling: SamplingConfig,
-    arch: ModelConfig,
-    topo: Topology,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
-    start_step: int = 0,
-    latents: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The official shifted circular windows; returns ``[1, C, infer_length, h, w]``."""
-    window = win.latents_for_frames(arch.window_frames, arch.vae_temporal_ratio)
-    infer_length = noise.shape[2]
-    sigmas, timesteps = sched.flow_timesteps(sampling.steps, sampling.shift)
-    fidelity = sampling.fidelity
-    x = noise.clone() if latents is None else latents.clone()
-    if fidelity == "official":
-        x = x.to(torch.float16).float()
-    single = infer_length == window
-    for step in steps_range(start_step, sampling.steps, topo):
-        if single:
-            groups = [list(range(window))]
-        else:
-            groups = win.shift_windows(step, infer_length, window, arch.shift_offset)
-        mine = {}
-        for index, idx in enumerate(groups):
-            if not topo.owns(index):
-                continue
-            x_win = x[:, :, idx]
-            audio = window_audio(cond.audio_feats, idx[0], window, None if single else infer_length)
-            v = velocity(x_win, float(timesteps[step]), step, audio, cache_key=("shift", tuple(idx)))
-            stepped = sched.euler_step(x_win, v, float(sigmas[step]), float(sigmas[step + 1]))
-            mine[index] = _round_official(stepped, fidelity)
-        results = topo.all_gather_data(mine)
-        acc_dtype = torch.float16 if fidelity == "official" else torch.float32
-        total = torch.zeros_like(x, dtype=acc_dtype)
-        counter = torch.zeros(infer_length, dtype=acc_dtype, device=x.device)
-        for index, idx in enumerate(groups):
-            total[:, :, idx] += results[index].to(acc_dtype)
-            counter[idx] += 1
-        x = (total / counter.view(1, 1, -1, 1, 1)).float()
-        if on_step is not None:
-            on_step(step, x)
-    return x
-
-
-def denoise_blend(
-    velocity: GuidedVelocity,
-    noise: torch.Tensor,
-    cond: Conditioning,
-    sampling: SamplingConfig,
-    arch: ModelConfig,
-    overlap: int,
-    topo: Topology,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
-    start_step: int = 0,
-    latents: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Overlapping windows in lockstep, blended with smooth weights after every step."""
-    window = win.latents_for_frames(arch.window_frames, arch.vae_temporal_ratio)
-    num_latents = noise.shape[2]
-    windows = win.plan_windows(num_latents, window, overlap)
-    weights = win.window_weights(windows, num_latents)
-    sigmas, timesteps = sched.flow_timesteps(sampling.steps, sampling.shift)
-    x = noise.clone() if latents is None else latents.clone()
-    for step in steps_range(start_step, sampling.steps, topo):
-        mine = {}
-        for index, w in enumerate(windows):
-            if not topo.owns(index):
-                continue
-            x_win = _take(x, w.start, window)
-            audio = window_audio(cond.audio_feats, w.start, window, None)
-            v = velocity(x_win, float(timesteps[step]), step, audio, cache_key=("blend", index))
-            mine[index] = sched.euler_step(x_win, v, float(sigmas[step]), float(sigmas[step + 1]))
-        results = topo.all_gather_data(mine)
-        total = torch.zeros_like(x)
-        for index, w in enumerate(windows):
-            stop = min(w.start + window, num_latents)
-            total[:, :, w.start : stop] += results[index][:, :, : stop - w.start] * weights[index].view(1, 1, -1, 1, 1)
-        x = total
-        if on_step is not None:
-            on_step(step, x)
-    return x
-
-
-class WindowStepper:
-    """One window (a ``segments`` segment) stepped on its own: ``stepper(x, step)`` is one guided Euler step."""
-
-    def __init__(
-        self,
-        velocity: GuidedVelocity,
-        cond: Conditioning,
-        sampling: SamplingConfig,
-        start_latent: int,
-        window: int,
-        key,
-    ) -> None:
-        self.velocity = velocity
-        self.sigmas, self.timesteps = sched.flow_timesteps(sampling.steps, sampling.shift)
-        self.audio = window_audio(cond.audio_feats, start_latent, window, None)
-        self.key = key
-
-    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        v = self.velocity(x, float(self.timesteps[step]), step, self.audio, cache_key=self.key)
-        return sched.euler_step(x, v, float(self.sigmas[step]), float(self.sigmas[step + 1]))
-
-
-def denoise_window_to_end(
-    velocity: GuidedVelocity,
-    noise: torch.Tensor,
-    cond: Conditioning,
-    sampling: SamplingConfig,
-    start_latent: int,
-    key,
-    start_step: int = 0,
-) -> torch.Tensor:
-    """One window denoised from ``noise`` (or latents after ``start_step`` steps) to the end, on its own."""
-    stepper = WindowStepper(velocity, cond, sampling, start_latent, noise.shape[2], key)
-    x = noise.clone()
-    for step in range(start_step, sampling.steps):
-        x = stepper(x, step)
-    return x
-
-
-def _take(x: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    """Latent frames ``[start, start + length)``, zero-padded past the end (videos shorter than one window)."""
-    part = x[:, :, start : start + length]
-    if part.shape[2] < length:
-        pad = torch.zeros((*part.shape[:2], length - part.shape[2], *part.shape[3:]), dtype=x.dtype, device=x.device)
-        part = torch.cat([part, pad], dim=2)
-    return part
 
 
 def steps_range(start: int, total: int, topo: Topology):

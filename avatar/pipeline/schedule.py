@@ -130,8 +130,3 @@ def cached_steps(steps: int) -> frozenset[int]:
     end = _round_tenths(steps, CACHE_END_TENTHS)
     interval = max(1, _round_tenths(steps, CACHE_INTERVAL_TENTHS))
     return frozenset(i for i in range(start + 1, end) if (i - start) % interval != 0)
-
-
-def official_cached_steps(steps: int) -> frozenset[int]:
-    """The official hard-coded rule applied literally (the same absolute step numbers at any step count)."""
-    return frozenset(i for i in range(steps) if i not in OFFICIAL_FULL_STEPS)

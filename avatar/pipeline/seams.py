@@ -10,7 +10,7 @@ float per frame pair, so memory does not grow with the frame size times the leng
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -63,14 +63,3 @@ class SeamMeter:
                 }
             )
         return entries
-
-
-def seam_report(frames: np.ndarray | Iterable[np.ndarray], boundaries: Sequence[int]) -> list[dict]:
-    """Seam report of a whole video ``[N, H, W, 3]`` uint8 or of an iterable of frames / frame chunks."""
-    meter = SeamMeter(boundaries)
-    if isinstance(frames, np.ndarray):
-        meter.add(frames)
-    else:
-        for chunk in frames:
-            meter.add(chunk)
-    return meter.report()

@@ -1,7 +1,8 @@
 """Streaming output of the ``segments`` strategy (rank 0).
 
 Segment ``i`` of ``L_i`` latents starting at latent ``s_i`` decodes to video frames ``4·s_i … 4·(s_i + L_i − 1)``.
-Neighbouring segments overlap by ``4·overlap − 3`` frames, which are cross-faded with a linear ramp. Frames go into
+Neighbouring segments overlap by ``4·overlap − 3`` frames, which are cross-faded with
+``windows.crossfade_weights`` (a linear ramp). Frames go into
 the main writer as soon as they are final, and each segment's finished stretch is also written as its own playable
 mp4 (with the matching slice of the audio) listed in ``<output>.segments/manifest.json``: a job that dies leaves a
 playable partial result.
@@ -18,13 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from avatar.pipeline.seams import SeamMeter
+from avatar.pipeline.windows import crossfade_weights, latents_for_frames
 
 log = logging.getLogger(__name__)
-
-
-def crossfade_weight(position: int, length: int) -> float:
-    """Weight of the *incoming* segment at ``position`` (0-based) of an overlap of ``length`` frames."""
-    return (position + 1) / (length + 1)
 
 
 class SegmentStreamer:
@@ -34,7 +31,7 @@ class SegmentStreamer:
         self.inputs = inputs
         self.num_frames = inputs.num_frames
         ratio = cfg.model.vae_temporal_ratio
-        total_latents = _num_latents_total(inputs.num_frames, ratio)
+        total_latents = latents_for_frames(inputs.num_frames, ratio)
         # (first video frame, last video frame inclusive) of each segment
         self.spans = [
             (ratio * s.start, ratio * (s.start + min(window, total_latents - s.start) - 1)) for s in segments
@@ -42,6 +39,7 @@ class SegmentStreamer:
         self.position: dict[int, int] = {}  # segment -> frames received so far
         self.tail: list[np.ndarray] = []  # previous segment's frames inside the current overlap (not yet emitted)
         self.tail_start = 0
+        self.fade: list[float] = []  # incoming weights over the current overlap
         self.hold: list[np.ndarray] = []  # this segment's frames inside the next overlap
         self.hold_start = 0
         self.next_frame = 0
@@ -67,7 +65,7 @@ class SegmentStreamer:
                 continue
             k = g - self.tail_start
             if self.tail and 0 <= k < len(self.tail):
-                w = crossfade_weight(k, len(self.tail))
+                w = float(self.fade[k])
                 blended = self.tail[k].astype(np.float32) * (1 - w) + frame.astype(np.float32) * w
                 self._emit(np.clip(np.round(blended), 0, 255).astype(np.uint8), writer)
             elif next_start is not None and g >= next_start:
@@ -90,6 +88,7 @@ class SegmentStreamer:
         """Segment ``index`` is fully decoded: its held overlap becomes the next tail, and its finished stretch becomes
         a playable file in the manifest."""
         self.tail, self.tail_start, self.hold = self.hold, self.hold_start, []
+        self.fade = crossfade_weights(len(self.tail)).tolist()
         if index == len(self.spans) - 1:
             for frame in self.tail:  # nothing follows: the held frames are final as they are
                 self._emit(frame, writer)
@@ -150,7 +149,3 @@ class SegmentStreamer:
             self.folder / "manifest.json", {"fps": self.cfg.audio.fps, "complete": True, "segments": self.manifest}
         )
         return self.meter.report()
-
-
-def _num_latents_total(num_frames: int, ratio: int) -> int:
-    return (num_frames - 1 + ratio - 1) // ratio + 1

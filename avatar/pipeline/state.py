@@ -238,9 +238,6 @@ class StateStore:
     def is_done(self, key: str) -> bool:
         return _read_json(self._job_dir(key) / "done.json") is not None
 
-    def done_info(self, key: str) -> Optional[dict]:
-        return _read_json(self._job_dir(key) / "done.json")
-
     def mark_done(self, key: str, info: dict) -> None:
         """Mark the job complete and drop its checkpoint and segments (no longer needed)."""
         job_dir = self._job_dir(key)

@@ -1,4 +1,5 @@
-"""Stitching window results into a whole latent video, and cross-fading decoded segments (pure torch, no I/O).
+"""Stitching window results into a whole latent video (pure torch, no I/O): the one accumulator every lockstep loop
+and every segment step of the sampler uses.
 
 Order independence: data-parallel groups finish windows in different orders, so :class:`WindowAccumulator` sums
 contributions in ascending window index whatever order they are added in. The result is therefore bitwise the same
@@ -8,7 +9,7 @@ windows that arrive early wait until the ones before them are in.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -108,72 +109,3 @@ class WindowAccumulator:
         if self.fidelity == "official":
             return (self.total.float() / self.weight.float().view(view)).to(torch.float16).float()
         return self.total / self.weight.view(view)
-
-
-def combine_windows(
-    results: Mapping[int, torch.Tensor],
-    positions: Sequence[Sequence[int]],
-    shape: Sequence[int],
-    weights: Optional[Sequence[torch.Tensor]] = None,
-    fidelity: str = "fp32",
-    time_dim: int = 2,
-) -> torch.Tensor:
-    """Stitch ``results[i]`` (window ``i`` over frames ``positions[i]``) into a video of ``shape``, summing in window
-    order; ``weights[i]`` per frame or ``None`` for counter averaging. Independent of the mapping's order."""
-    missing = [i for i in range(len(positions)) if i not in results]
-    if missing:
-        raise ValueError(f"windows {missing[:8]} have no result")
-    device = next(iter(results.values())).device if results else None
-    acc = WindowAccumulator(shape, time_dim=time_dim, fidelity=fidelity, device=device)
-    for index in range(len(positions)):
-        acc.add(index, positions[index], results[index], None if weights is None else weights[index])
-    return acc.result()
-
-
-def take_frames(x: torch.Tensor, start: int, length: int, time_dim: int = 2) -> torch.Tensor:
-    """Frames ``[start, start + length)`` of ``x`` along ``time_dim``, zero-padded past the end (a window of a video
-    shorter than one window)."""
-    part = x.narrow(time_dim, start, max(0, min(length, x.shape[time_dim] - start)))
-    if part.shape[time_dim] < length:
-        pad_shape = list(x.shape)
-        pad_shape[time_dim] = length - part.shape[time_dim]
-        part = torch.cat([part, torch.zeros(pad_shape, dtype=x.dtype, device=x.device)], dim=time_dim)
-    return part
-
-
-def crossfade(prev_tail: torch.Tensor, next_head: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Blend the last ``n`` frames of one segment with the first ``n`` of the next along dim 0:
-    ``prev·(1 − w) + next·w`` in fp32 (``w`` is the incoming segment's weight, e.g. ``windows.crossfade_weights``)."""
-    if prev_tail.shape != next_head.shape:
-        raise ValueError(f"cross-fade of shapes {list(prev_tail.shape)} and {list(next_head.shape)}")
-    if weights.numel() != prev_tail.shape[0]:
-        raise ValueError(f"{weights.numel()} cross-fade weights for {prev_tail.shape[0]} frames")
-    w = weights.to(torch.float32).view(-1, *([1] * (prev_tail.dim() - 1)))
-    return prev_tail.to(torch.float32) * (1 - w) + next_head.to(torch.float32) * w
-
-
-def crossfade_uint8(prev_tail: torch.Tensor, next_head: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """:func:`crossfade` of uint8 frames ``[n, H, W, 3]``, rounded back to uint8."""
-    return crossfade(prev_tail, next_head, weights).round().clamp(0, 255).to(torch.uint8)
-
-
-def assemble_segments(
-    segments: Sequence[torch.Tensor], starts: Sequence[int], num_frames: int, fade_weights
-) -> torch.Tensor:
-    """A whole video from decoded segments (dim 0 = frames) starting at video frames ``starts``: overlaps are
-    cross-faded with ``fade_weights(n)`` (e.g. ``windows.crossfade_weights``) and the result is cut to
-    ``num_frames``. For tests and short clips; the streaming writer does the same frame by frame."""
-    if len(segments) != len(starts) or not segments:
-        raise ValueError(f"{len(segments)} segments for {len(starts)} starts")
-    out = segments[0].to(torch.float32)
-    for seg, start in zip(segments[1:], starts[1:]):
-        seg = seg.to(torch.float32)
-        overlap = out.shape[0] - start
-        if overlap < 0:
-            raise ValueError(f"segment starting at frame {start} leaves a gap after frame {out.shape[0]}")
-        overlap = min(overlap, seg.shape[0])
-        blended = crossfade(out[start : start + overlap], seg[:overlap], fade_weights(overlap))
-        out = torch.cat([out[:start], blended, out[start + overlap :], seg[overlap:]])
-    if out.shape[0] < num_frames:
-        raise ValueError(f"segments cover {out.shape[0]} frames, {num_frames} requested")
-    return out[:num_frames]

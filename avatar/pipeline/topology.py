@@ -7,13 +7,12 @@ exchanges the pipeline needs. With one process every group is None and every exc
 
 from __future__ import annotations
 
-import io
-import pickle
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from avatar.parallel import comm
 from avatar.parallel.base import LocalSequence
 
 
@@ -49,45 +48,18 @@ class Topology:
         """Send a picklable object (tensors included) from rank ``src`` of the group to every rank of it."""
         if not self.distributed:
             return obj
-        src_global = self.leader + src  # the ranks of a group are contiguous
-        if self.rank == src:
-            buffer = io.BytesIO()
-            torch.save(obj, buffer)
-            payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-            size = torch.tensor([payload.numel()], dtype=torch.int64)
-        else:
-            size = torch.zeros(1, dtype=torch.int64)
-        size = size.to(self._comm_device())
-        dist.broadcast(size, src_global, group=self.group)
-        if self.rank != src:
-            payload = torch.empty(int(size.item()), dtype=torch.uint8)
-        payload = payload.to(self._comm_device())
-        dist.broadcast(payload, src_global, group=self.group)
-        if self.rank == src:
-            return obj
-        return torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), weights_only=False)
+        return comm.broadcast_object(obj, src=self.leader + src, group=self.group, device=self.device)
 
     def all_gather_cfg(self, branch: torch.Tensor) -> torch.Tensor:
         """CFG-parallel: each half holds one branch ``[1, ...]``; return ``[2, ...]`` ordered (uncond, cond)."""
-        if self.cfg_size == 1:
-            return branch
-        parts = [torch.empty_like(branch) for _ in range(self.cfg_size)]
-        dist.all_gather(parts, branch.contiguous(), group=self.cfg_group)
-        return torch.cat(parts, dim=0)
+        return comm.cfg_exchange(branch, self.cfg_group if self.cfg_size > 1 else None)
 
     def all_gather_data(self, items: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Data-parallel: every group contributes the results of its own windows (``index -> tensor``); every rank
-        gets all of them. Sent as one pickled payload per group (windows of one step share a shape)."""
+        gets all of them."""
         if self.data_size == 1:
             return dict(items)
-        local = pickle.dumps({k: v.cpu() for k, v in items.items()})
-        objects: list = [None] * self.data_size
-        dist.all_gather_object(objects, local, group=self.data_group)
-        merged: dict[int, torch.Tensor] = {}
-        for blob in objects:
-            for key, value in pickle.loads(blob).items():
-                merged[key] = value.to(self.device)
-        return merged
+        return comm.data_all_gather_windows(items, self.data_group, device=self.device)
 
     def gather_to_main(self, obj):
         """Every rank of the group sends ``obj``; its rank 0 gets the list in rank order, the others None."""
@@ -104,13 +76,9 @@ class Topology:
     def all_reduce_max(self, value: float) -> float:
         if not self.distributed:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        tensor = torch.tensor([value], dtype=torch.float64, device=comm.comm_device(self.group, self.device))
+        comm.all_reduce(tensor, group=self.group, op=dist.ReduceOp.MAX)
         return float(tensor.item())
-
-    def _comm_device(self) -> torch.device:
-        backend = dist.get_backend() if dist.is_initialized() else "gloo"
-        return self.device if "nccl" in str(backend) else torch.device("cpu")
 
     def owns(self, index: int) -> bool:
         """Data-parallel ownership of window/segment/row ``index`` (round-robin over the data groups)."""

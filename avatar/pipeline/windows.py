@@ -8,9 +8,9 @@ Three strategies use these plans:
 - ``shift`` (official, dossier §6): circular windows over ``infer_length`` latents whose grid moves by
   ``shift_offset`` every step (:class:`OfficialShiftPlan`, :func:`shift_windows`, :func:`shift_audio_windows`).
 - ``blend``: fixed overlapping windows (:func:`plan_windows`) denoised in lockstep and averaged every step with
-  smooth weights that sum to 1 (:func:`window_weights`, :func:`blend_weights`).
+  smooth weights that sum to 1 (:func:`window_weights`).
 - ``segments``: the same plan (:func:`plan_segments`), each window denoised to the end on its own, decoded, and
-  cross-faded in pixel space (:func:`crossfade_weights`).
+  cross-faded in pixel space with :func:`crossfade_weights`.
 """
 
 from __future__ import annotations
@@ -104,34 +104,10 @@ def _ramp(n: int) -> torch.Tensor:
     return 0.5 - 0.5 * torch.cos(math.pi * k / (n + 1))
 
 
-def blend_weights(window_len: int, overlap: int, position: str, overlap_right: Optional[int] = None) -> torch.Tensor:
-    """Blend profile ``[window_len]`` (fp32) of one window: raised-cosine ramps over the overlap on each side that has
-    a neighbour (``first``: right only, ``last``: left only, ``middle``: both, ``only``: none), 1 elsewhere.
-
-    ``overlap`` is the overlap on the left; ``overlap_right`` (default: the same) on the right. Where two neighbours
-    overlap by the same amount their ramps sum to exactly 1 (up to fp32 rounding), so consecutive windows partition
-    unity as long as the two ramps of a window do not meet (``left + right <= window_len``); :func:`window_weights`
-    handles any plan.
-    """
-    if position not in POSITIONS:
-        raise ValueError(f"position={position!r}: valid are {', '.join(POSITIONS)}")
-    right = overlap if overlap_right is None else overlap_right
-    left = overlap if position in ("middle", "last") else 0
-    right = right if position in ("first", "middle") else 0
-    if min(left, right) < 0 or left > window_len or right > window_len:
-        raise ValueError(f"overlaps ({left}, {right}) must be within 0..window_len={window_len}")
-    weights = torch.ones(window_len, dtype=torch.float64)
-    if left:
-        weights[:left] = _ramp(left)
-    if right:
-        weights[window_len - right :] = torch.minimum(weights[window_len - right :], _ramp(right).flip(0))
-    return weights.to(torch.float32)
-
-
 def window_weights(windows: tuple[Window, ...] | list[Window], num_latents: int) -> list[torch.Tensor]:
-    """Blend weights of each window over its in-range frames ``[start, clipped_stop)`` (fp32): the profiles of
-    :func:`blend_weights` for the actual overlaps of the plan, normalised in float64 so that on every frame the
-    weights of all windows covering it sum to 1."""
+    """Blend weights of each window over its in-range frames ``[start, clipped_stop)`` (fp32): raised-cosine ramps
+    over the actual overlaps of the plan (1 elsewhere), normalised in float64 so that on every frame the weights of
+    all windows covering it sum to 1."""
     spans = [(w.start, w.clipped_stop(num_latents)) for w in windows]
     profiles = []
     for i, (start, stop) in enumerate(spans):
@@ -153,11 +129,12 @@ def window_weights(windows: tuple[Window, ...] | list[Window], num_latents: int)
 
 
 def crossfade_weights(num_frames_overlap: int) -> torch.Tensor:
-    """Weights ``[n]`` (fp32) of the *incoming* segment over an overlap of ``n`` video frames: a raised cosine strictly
-    inside (0, 1); the outgoing segment gets ``1 − w``."""
+    """Weights ``[n]`` (fp32) of the *incoming* segment over an overlap of ``n`` video frames: the linear ramp
+    ``(k + 1) / (n + 1)``, strictly inside (0, 1); the outgoing segment gets ``1 − w``."""
     if num_frames_overlap < 0:
         raise ValueError(f"num_frames_overlap={num_frames_overlap}: must be >= 0")
-    return _ramp(num_frames_overlap).to(torch.float32)
+    k = torch.arange(1, num_frames_overlap + 1, dtype=torch.float64)
+    return (k / (num_frames_overlap + 1)).to(torch.float32)
 
 
 # --- the official shifted circular windows ------------------------------------------------------------------------
@@ -199,16 +176,6 @@ class OfficialShiftPlan:
     @property
     def windows_per_step(self) -> int:
         return math.ceil(self.infer_length / self.window)
-
-    @property
-    def decoded_frames(self) -> int:
-        """Video frames decoded from the kept latents."""
-        return frames_for_latents(self.video_length, self.temporal_ratio)
-
-    @property
-    def audio_length(self) -> int:
-        """Audio frames the circular audio index runs over (the official zero-pads the features to this)."""
-        return self.temporal_ratio * self.infer_length
 
 
 def official_shift_plan(

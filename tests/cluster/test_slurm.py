@@ -37,17 +37,20 @@ def test_harness_runs_a_job_an_array_and_srun_tasks(slurm_cluster, tmp_path):
 PREEMPT_WORKER = """
 import os, sys, time
 import torch.distributed as dist
+from avatar.pipeline.resume import Resume
+from avatar.pipeline.topology import Topology
 from launch.signals import EXIT_PREEMPTED, PreemptionHandler, record_preemption
 
 state = sys.argv[1]
 dist.init_process_group("gloo")
 handler = PreemptionHandler().install()
+resume = Resume(Topology(rank=dist.get_rank(), world=dist.get_world_size()), None, None, "shift", handler, frozenset(), 60, 0)
 start = int(open(state).read()) if os.path.exists(state) else 0
 if dist.get_rank() == 0:
     print(f"start step={start} restart={os.environ.get('SLURM_RESTART_COUNT', '0')}", flush=True)
 for step in range(start, 60):
     time.sleep(0.1)
-    if handler.should_stop():
+    if resume.stop_requested():
         if dist.get_rank() == 0:
             with open(state + ".tmp", "w") as f:
                 f.write(str(step))

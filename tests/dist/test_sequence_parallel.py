@@ -1,5 +1,5 @@
-"""Sequence parallelism on gloo (fp32): Ulysses, Ring and both equal one process's LocalSequence, for frame counts
-that do not divide the world (padding masked), with text key masks; shard/gather round trips; collectives counted.
+"""Sequence parallelism on gloo (fp32): Ulysses, Ring and both equal one process's LocalSequence, for token counts
+per frame that do not divide the world (padding masked), with text key masks; shard/gather round trips; collectives counted.
 
 Each spawn costs a few seconds, so one spawned function checks several plans on the same ranks.
 """
@@ -14,9 +14,7 @@ from avatar.models.transformer import AvatarDiT
 from avatar.parallel.base import LocalSequence
 from avatar.parallel.comm import (
     broadcast_object,
-    broadcast_tensor,
     cfg_exchange,
-    comm_stats,
     counting,
     data_all_gather_windows,
 )
@@ -55,18 +53,10 @@ def reference(num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def padding_key_mask(seq, num_frames: int) -> torch.Tensor | None:
-    """As the DiT builds it: ``[S_local]`` False on padding frames, None on a rank without padding."""
-    start, stop = seq.frame_range(num_frames)
-    if stop <= num_frames:
-        return None
-    return (torch.arange(start, stop) < num_frames).repeat_interleave(TOKENS_PER_FRAME)
-
-
 def run_plan(seq, num_frames: int) -> dict:
     """One joint_attention on this rank's shard; returns the gathered outputs and the collectives it issued."""
     x = make_inputs(num_frames)
-    shard = {name: seq.shard_frames(x[name], num_frames) for name in ("img_q", "img_k", "img_v")}
+    shard = {name: seq.shard_tokens(x[name], num_frames) for name in ("img_q", "img_k", "img_v")}
     with counting() as stats:
         img_out, txt_out = seq.joint_attention(
             shard["img_q"],
@@ -75,25 +65,34 @@ def run_plan(seq, num_frames: int) -> dict:
             x["txt_q"],
             x["txt_k"],
             x["txt_v"],
-            padding_key_mask(seq, num_frames),
+            seq.padding_key_mask(num_frames, TOKENS_PER_FRAME, "cpu"),
             x["txt_key_mask"],
         )
     calls = dict(stats.calls)
-    return {"img": seq.gather_frames(img_out, num_frames), "txt": txt_out, "calls": calls}
+    return {"img": seq.gather_tokens(img_out, num_frames, TOKENS_PER_FRAME), "txt": txt_out, "calls": calls}
 
 
 def check_round_trip(seq, num_frames: int) -> None:
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(BATCH, num_frames * TOKENS_PER_FRAME, 6, generator=gen)
     table = torch.randn(num_frames * TOKENS_PER_FRAME, 6, generator=gen)  # RoPE tables are sharded along dim 0
-    local = seq.shard_frames(x, num_frames)
-    assert local.shape[1] == seq.frames_per_rank(num_frames) * TOKENS_PER_FRAME
-    assert torch.equal(seq.gather_frames(local, num_frames), x)
-    assert torch.equal(seq.gather_frames(seq.shard_frames(table, num_frames, dim=0), num_frames, dim=0), table)
+    local = seq.shard_tokens(x, num_frames)
+    assert local.shape[1] == num_frames * seq.tokens_per_rank(TOKENS_PER_FRAME)
+    assert torch.equal(seq.gather_tokens(local, num_frames, TOKENS_PER_FRAME), x)
+    shard = seq.shard_tokens(table, num_frames, dim=0)
+    assert torch.equal(seq.gather_tokens(shard, num_frames, TOKENS_PER_FRAME, dim=0), table)
+    # Every rank holds its slice of every frame: frame f's tokens of this rank are the ones at [f·n, (f+1)·n).
+    n = seq.tokens_per_rank(TOKENS_PER_FRAME)
+    start = seq.rank * n
+    for f in range(num_frames):
+        for j in range(n):
+            if start + j < TOKENS_PER_FRAME:
+                assert torch.equal(local[:, f * n + j], x[:, f * TOKENS_PER_FRAME + start + j])
 
 
 def tiny_dit() -> tuple[AvatarDiT, dict[str, torch.Tensor]]:
-    """The real DiT at a CPU size (4 heads) and inputs for 2 latent frames (3 sequence frames with the reference)."""
+    """The real DiT at a CPU size (4 heads) and inputs for 2 latent frames (3 sequence frames with the reference) of
+    3×3 tokens, so 2 and 4 sequence ranks pad every frame."""
     cfg = ModelConfig(
         name="tiny",
         hidden_size=32,
@@ -116,7 +115,7 @@ def tiny_dit() -> tuple[AvatarDiT, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = AvatarDiT(cfg).eval()
     gen = torch.Generator().manual_seed(3)
-    num_frames, side, text_len = 2, 4, 6
+    num_frames, side, text_len = 2, 6, 6
     text_mask = torch.zeros(1, text_len, dtype=torch.long)
     text_mask[:, :4] = 1
     inputs = {
@@ -134,25 +133,27 @@ def tiny_dit() -> tuple[AvatarDiT, dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def dit_forward(model: AvatarDiT, inputs: dict, seq) -> dict[str, torch.Tensor]:
-    """Full forward (storing the cache) and a cached-step forward under ``seq``."""
+    """Full forward (storing the cache) and a cached-step forward under ``seq``; the cache holds this rank's shard
+    (gathered here only to compare it)."""
     model.set_sequence_parallel(seq)
     velocity, cached = model(**inputs, cache="store")
     reused = model(**inputs, cache="reuse", cached=cached)
-    return {"velocity": velocity, "cached_img": cached.img, "reused": reused}
+    num_seq_frames, tokens_per_frame = cached.img.shape[1], 9
+    assert cached.img.shape[2] == seq.tokens_per_rank(tokens_per_frame)
+    full = seq.gather_tokens(cached.img.flatten(1, 2), num_seq_frames, tokens_per_frame)
+    return {"velocity": velocity, "cached_img": full, "cached_txt": cached.txt, "reused": reused}
 
 
 def check_exchanges(rank: int) -> dict:
     """The pipeline helpers over the whole world."""
     payload = {"prompt": "hello", "latents": torch.arange(6.0).reshape(2, 3)} if rank == 0 else None
-    before = comm_stats().calls.get("broadcast", 0)
-    received = broadcast_object(payload, src=0)
-    tensor = broadcast_tensor(torch.full((2, 2), 5, dtype=torch.int16) if rank == 0 else None, src=0)
+    with counting() as stats:
+        received = broadcast_object(payload, src=0)
     windows = data_all_gather_windows({rank: torch.full((1, rank + 1), float(rank))}, torch.distributed.group.WORLD)
     return {
         "object": received,
-        "tensor": tensor,
         "windows": windows,
-        "broadcasts": comm_stats().calls["broadcast"] - before,
+        "broadcasts": stats.calls["broadcast"],
     }
 
 
@@ -187,10 +188,9 @@ def assert_matches_reference(results: list[dict], layouts, num_frames: int, dit=
         exchanges = result["exchanges"]
         assert exchanges["object"]["prompt"] == "hello"
         assert torch.equal(exchanges["object"]["latents"], torch.arange(6.0).reshape(2, 3))
-        assert exchanges["tensor"].dtype == torch.int16 and exchanges["tensor"].tolist() == [[5, 5], [5, 5]]
         assert sorted(exchanges["windows"]) == list(range(len(results)))
         assert exchanges["windows"][len(results) - 1].shape == (1, len(results)), f"rank {rank}"
-        assert exchanges["broadcasts"] == 5  # (size, payload) for the object and the tensor's metadata, + the tensor
+        assert exchanges["broadcasts"] == 2  # size, then payload
     for layout in layouts:
         per_rank = [result[layout] for result in results]
         for rank, result in enumerate(per_rank):
@@ -224,8 +224,8 @@ def expected_calls(ring: int, ulysses: int) -> dict[str, int]:
 @pytest.mark.timeout(120)
 def test_two_ranks_ulysses_and_ring_with_padding():
     layouts = [(1, 1, 2), (1, 2, 1), (2, 1, 1)]
-    num_frames = 5  # 5 frames over 2 ranks: rank 1 holds one padding frame
-    dit = tiny_dit()  # 3 sequence frames over 2 ranks: padding inside the real model too
+    num_frames = 5  # 3 tokens per frame over 2 ranks: rank 1 holds one padding token of every frame
+    dit = tiny_dit()  # 9 tokens per frame over 2 ranks: padding inside the real model too
     results = spawn(2, sequence_parallel_worker, layouts, num_frames, dit, timeout=110)
     assert_matches_reference(results, layouts, num_frames, dit)
     for ring, ulysses in ((1, 2), (2, 1)):
@@ -236,7 +236,7 @@ def test_two_ranks_ulysses_and_ring_with_padding():
 @pytest.mark.timeout(150)
 def test_four_ranks_usp_ulysses_ring_and_cfg():
     layouts = [(1, 2, 2), (1, 1, 4), (1, 4, 1), (2, 1, 2)]
-    num_frames = 5  # 2 frames per rank after padding to 8: rank 3 holds only padding
+    num_frames = 5  # 1 token of every frame per rank: rank 3 holds only padding
     dit = tiny_dit()
     results = spawn(4, sequence_parallel_worker, layouts, num_frames, dit, timeout=140)
     assert_matches_reference(results, layouts, num_frames, dit)

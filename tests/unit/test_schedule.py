@@ -100,7 +100,7 @@ def test_guidance_ramps_scale_with_steps_and_phase_boundary_is_configured():
 def test_cached_steps_official_set_at_50():
     expected = {*range(16, 20), *range(21, 25), *range(26, 30), *range(31, 35), *range(36, 40)}
     assert sched.cached_steps(50) == frozenset(expected)
-    assert sched.official_cached_steps(50) == frozenset(expected)
+    assert sched.cached_steps(50) == frozenset(range(50)) - sched.OFFICIAL_FULL_STEPS
     assert len(expected) == 20
 
 
@@ -114,8 +114,6 @@ def test_cached_steps_scale_with_the_step_count():
         assert cached <= set(range(1, steps - 1)), steps  # the first and last steps are always full
         full_before = [i for i in range(steps) if i not in cached]
         assert all(any(f < c for f in full_before) for c in cached)
-    # the literal official rule at other step counts caches the last steps of a 20-step run
-    assert sched.official_cached_steps(20) == frozenset({16, 17, 18, 19})
     with pytest.raises(ValueError):
         sched.cached_steps(0)
 

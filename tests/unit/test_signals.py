@@ -1,4 +1,5 @@
-"""Preemption flag: a real SIGTERM/SIGUSR1 to this process sets it; no process group needed."""
+"""Preemption flag: a real SIGTERM/SIGUSR1 to this process sets it, and the renderer's ``Resume.stop_requested``
+agrees on it over the ranks."""
 
 from __future__ import annotations
 
@@ -7,17 +8,25 @@ import signal
 
 import pytest
 
+from avatar.pipeline.resume import Resume
+from avatar.pipeline.topology import Topology
 from launch.signals import EXIT_PREEMPTED, PreemptionHandler, record_preemption, requeue_if_slurm
+
+
+def _resume(topo, handler) -> Resume:
+    """The renderer's agreement on a stop (no state store, no cache)."""
+    return Resume(topo, None, None, "shift", handler, frozenset(), total_steps=10, every=0)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_sets_flag_and_handler_is_restored(signum):
     before = signal.getsignal(signum)
     with PreemptionHandler() as handler:
-        assert not handler.should_stop()
+        resume = _resume(Topology(), handler)
+        assert not resume.stop_requested()
         os.kill(os.getpid(), signum)
         assert handler.requested and handler.received == signum
-        assert handler.should_stop() and handler.should_stop()
+        assert resume.stop_requested() and resume.stop_requested()
     assert signal.getsignal(signum) == before
 
 
@@ -52,11 +61,12 @@ def _agree_worker(rank: int, port: int, results) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
     )
     with PreemptionHandler() as handler:
-        first = handler.should_stop()
+        resume = _resume(Topology(rank=rank, world=2), handler)
+        first = resume.stop_requested()
         if rank == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
         dist.barrier()
-        results.put((rank, first, handler.requested, handler.should_stop()))
+        results.put((rank, first, handler.requested, resume.stop_requested()))
     dist.destroy_process_group()
 
 

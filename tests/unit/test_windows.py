@@ -41,9 +41,8 @@ def test_official_table(audio_frames, padded, infer_length, kept, decoded, windo
     assert plan.padded_audio == padded
     assert plan.infer_length == infer_length
     assert plan.video_length == kept
-    assert plan.decoded_frames == decoded
+    assert win.frames_for_latents(plan.video_length) == decoded
     assert plan.windows_per_step == windows
-    assert plan.audio_length == 4 * infer_length
     assert plan.single == (windows == 1)
 
 
@@ -60,7 +59,7 @@ def test_official_noise_length_and_cap():
 def test_official_plan_uncapped_for_every_length():
     for n in range(1, 3000, 7):
         plan = win.official_shift_plan(n)
-        assert plan.decoded_frames >= n
+        assert win.frames_for_latents(plan.video_length) >= n
         assert plan.video_length >= win.latents_for_frames(n)
         if plan.single:
             assert n <= 129 and plan.infer_length == 33
@@ -189,29 +188,15 @@ def test_plans_cover_exactly_the_requested_length():
 # --- weights -------------------------------------------------------------------------------------------------------
 
 
-def test_blend_weights_shapes():
-    assert torch.equal(win.blend_weights(10, 4, "only"), torch.ones(10))
-    first = win.blend_weights(10, 4, "first")
-    last = win.blend_weights(10, 4, "last")
-    middle = win.blend_weights(10, 4, "middle")
-    assert first.dtype == torch.float32 and first.shape == (10,)
+def test_window_weights_ramp_only_inside_overlaps():
+    plan = win.plan_windows(40, 10, 4)  # starts 0, 6, 12, ..., 30
+    weights = win.window_weights(plan, 40)
+    first, middle = weights[0], weights[1]
     assert torch.equal(first[:6], torch.ones(6)) and bool((first[6:] < 1).all()) and bool((first[6:] > 0).all())
-    assert torch.equal(last, first.flip(0))
-    assert torch.equal(middle[:4], last[:4]) and torch.equal(middle[6:], first[6:])
-    assert bool((first[7:] <= first[6:-1]).all())
-    assert torch.equal(win.blend_weights(10, 0, "middle"), torch.ones(10))
-    with pytest.raises(ValueError, match="position"):
-        win.blend_weights(10, 4, "centre")
-
-
-@pytest.mark.parametrize("num_latents, window, overlap", [(108, 33, 8), (58, 33, 8), (66, 33, 0), (9 + 6 * 5, 9, 4)])
-def test_blend_weights_partition_unity_on_regular_plans(num_latents, window, overlap):
-    plan = win.plan_windows(num_latents, window, overlap)
-    total = torch.zeros(num_latents)
-    for i, w in enumerate(plan):
-        position = "only" if len(plan) == 1 else "first" if i == 0 else "last" if i == len(plan) - 1 else "middle"
-        total[w.start : w.stop] += win.blend_weights(window, overlap, position)
-    torch.testing.assert_close(total, torch.ones(num_latents), rtol=0, atol=1e-6)
+    assert bool((first[7:] <= first[6:-1]).all())  # the outgoing ramp falls
+    assert bool((middle[1:4] >= middle[:3]).all())  # the incoming ramp rises
+    torch.testing.assert_close(first[6:] + middle[:4], torch.ones(4), rtol=0, atol=1e-6)
+    assert [w.tolist() for w in win.window_weights(win.plan_windows(5, 9, 2), 5)] == [[1.0] * 5]
 
 
 def test_window_weights_partition_unity_on_every_plan():
@@ -230,6 +215,7 @@ def test_window_weights_partition_unity_on_every_plan():
 def test_crossfade_weights():
     for n in (1, 2, 5, 49):
         w = win.crossfade_weights(n)
+        torch.testing.assert_close(w, torch.arange(1, n + 1) / (n + 1), rtol=0, atol=1e-7)
         assert w.shape == (n,) and w.dtype == torch.float32
         assert bool((w > 0).all()) and bool((w < 1).all())
         assert bool((w[1:] > w[:-1]).all())

@@ -1,0 +1,100 @@
+"""Job and input contracts of the renderer: what one video needs (``Job``), the validated decoded inputs
+(``Inputs``, stage 1), and the small shared helpers (stage timer, resolved config, dtypes)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from avatar.config import RunConfig, SamplingConfig
+from avatar.pipeline.state import file_sha256
+
+
+@dataclass
+class Job:
+    """One video to render."""
+
+    image: str
+    audio: str
+    prompt: str
+    output: str
+    seed: int
+    steps: int
+    strategy: str = "auto"
+    videoid: str = ""
+
+
+@dataclass
+class Inputs:
+    """Stage 1: the validated, decoded inputs."""
+
+    image: object  # PIL.Image RGB, resized to the bucket
+    width: int
+    height: int
+    wav: np.ndarray  # float32 mono at audio.sample_rate
+    num_frames: int  # video frames = audio length at fps (rounded to the nearest frame)
+    hashes: dict[str, str]
+
+
+@dataclass
+class StageTimer:
+    """Seconds per named stage (``with timer("decode"): ...``), summed over repeats."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Ctx()
+
+
+def peak_host_memory_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_inputs(cfg: RunConfig, image_path: str, audio_path: str) -> Inputs:
+    """Stage 1: decode and resize the portrait, decode and resample the audio."""
+    from avatar.io.audio import load_audio
+    from avatar.io.image import bucket_size, load_image, resize_to_bucket
+
+    image = load_image(image_path)
+    width, height = bucket_size(image.width, image.height, cfg.model.image_size, cfg.model.bucket_multiple)
+    image = resize_to_bucket(image, (width, height))
+    wav = load_audio(audio_path, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds)
+    num_frames = max(1, round(len(wav) * cfg.audio.fps / cfg.audio.sample_rate))
+    hashes = {"image": file_sha256(image_path), "audio": file_sha256(audio_path)}
+    return Inputs(image=image, width=width, height=height, wav=wav, num_frames=num_frames, hashes=hashes)
+
+
+def config_dict(cfg: RunConfig) -> dict:
+    """The resolved config as plain data."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def with_steps(sampling: SamplingConfig, steps: int) -> SamplingConfig:
+    return replace(sampling, steps=steps)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """Decoded ``[n, 3, H, W]`` in [-1, 1] -> uint8 ``[n, H, W, 3]`` by truncation, as the official code does."""
+    return ((frames.float() / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

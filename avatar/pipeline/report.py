@@ -1,0 +1,54 @@
+"""The run report (``<output>.json``): what was rendered, how, from what, and what it cost."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict
+
+import torch
+
+from avatar.pipeline.job import Inputs, Job, config_dict, peak_host_memory_mb
+
+
+def build_report(cfg, topo, job: Job, inputs: Inputs, strategy, stats, seams, timer, comm, seconds: float) -> dict:
+    """``comm``: the ``CommStats`` counted over this render (this rank's collectives)."""
+    import diffusers
+    import transformers
+
+    return {
+        "output": os.path.abspath(job.output),
+        "videoid": job.videoid,
+        "seed": job.seed,
+        "steps": job.steps,
+        "prompt": job.prompt,
+        "strategy": strategy.name,
+        "num_frames": inputs.num_frames,
+        "fps": cfg.audio.fps,
+        "duration_seconds": inputs.num_frames / cfg.audio.fps,
+        "resolution": [inputs.width, inputs.height],
+        "inputs": {
+            "image": os.path.abspath(job.image),
+            "audio": os.path.abspath(job.audio),
+            "sha256": inputs.hashes,
+        },
+        "plan": {
+            "world": topo.world,
+            "data": topo.data_size,
+            "cfg": topo.cfg_size,
+            "sequence": getattr(topo.seq, "world", 1),
+        },
+        "denoise": asdict(stats),
+        "communication": {name: {"calls": c, "bytes": b} for name, (c, b) in comm.snapshot().items()},
+        "seams": seams,
+        "timings_seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
+        "seconds_total": round(seconds, 3),
+        "peak_host_memory_mb": round(peak_host_memory_mb(), 1),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        },
+        "config": config_dict(cfg),
+    }
