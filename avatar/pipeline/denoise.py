@@ -48,6 +48,7 @@ class Conditioning:
     neg_text_pooled: torch.Tensor  # [1, D2]
     ref_latents: torch.Tensor  # [1, C, T_window, h, w]
     num_frames: int  # video frames wanted (the audio's length at fps)
+    face_found: bool = True  # False: no face in the portrait, the mask covers the whole image
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Conditioning:
         def move(t: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,11 @@ import torch
 from avatar.pipeline.job import Inputs, Job, config_dict, peak_host_memory_mb
 
 
-def build_report(cfg, topo, job: Job, inputs: Inputs, strategy, stats, seams, timer, comm, seconds: float) -> dict:
-    """``comm``: the ``CommStats`` counted over this render (this rank's collectives)."""
+def build_report(
+    cfg, topo, job: Job, inputs: Inputs, strategy, stats, seams, timer, comm, seconds: float, face_found: bool, ranks
+) -> dict:
+    """``comm``: the ``CommStats`` counted over this render (this rank's collectives); ``ranks``: every rank's
+    device and peak memory (``device_info``), in rank order."""
     import diffusers
     import transformers
 
@@ -27,6 +30,7 @@ def build_report(cfg, topo, job: Job, inputs: Inputs, strategy, stats, seams, ti
         "fps": cfg.audio.fps,
         "duration_seconds": inputs.num_frames / cfg.audio.fps,
         "resolution": [inputs.width, inputs.height],
+        "face_found": face_found,
         "inputs": {
             "image": os.path.abspath(job.image),
             "audio": os.path.abspath(job.audio),
@@ -38,6 +42,7 @@ def build_report(cfg, topo, job: Job, inputs: Inputs, strategy, stats, seams, ti
             "cfg": topo.cfg_size,
             "sequence": getattr(topo.seq, "world", 1),
         },
+        "ranks": ranks,
         "denoise": asdict(stats),
         "communication": {name: {"calls": c, "bytes": b} for name, (c, b) in comm.snapshot().items()},
         "seams": seams,
@@ -51,4 +56,20 @@ def build_report(cfg, topo, job: Job, inputs: Inputs, strategy, stats, seams, ti
             "transformers": transformers.__version__,
         },
         "config": config_dict(cfg),
+    }
+
+
+def device_info(device: torch.device) -> dict:
+    """This rank's device name and peak memory (GPU: allocated by torch; CPU: host resident set)."""
+    if device.type == "cuda":
+        return {
+            "device": str(device),
+            "name": torch.cuda.get_device_name(device),
+            "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "peak_host_memory_mb": round(peak_host_memory_mb(), 1),
+        }
+    return {
+        "device": str(device),
+        "name": platform.processor() or platform.machine(),
+        "peak_host_memory_mb": round(peak_host_memory_mb(), 1),
     }

@@ -34,7 +34,7 @@ from avatar.pipeline.job import (
     to_uint8,
     with_steps,
 )
-from avatar.pipeline.report import build_report
+from avatar.pipeline.report import build_report, device_info
 from avatar.pipeline.resume import Resume, job_state
 from avatar.pipeline.topology import Topology
 
@@ -124,15 +124,25 @@ class Renderer:
         cfg, enc = self.cfg, self.encoders()
         h_lat = inputs.height // cfg.model.vae_spatial_ratio
         w_lat = inputs.width // cfg.model.vae_spatial_ratio
+        log.info("audio features: %d frames (%.2f s)", inputs.num_frames, inputs.num_frames / cfg.audio.fps)
         with self.timer("audio_features"):
             audio_feats = enc["audio"].features(inputs.wav, inputs.num_frames, window=cfg.model.audio_window)
         with self.timer("face_mask"):
             boxes = enc["face"].detect(inputs.image)
             mask = face_mask((inputs.width, inputs.height), boxes, (h_lat, w_lat))
+        if len(boxes):
+            log.info("face detection: %d face(s) in %s", len(boxes), job.image)
+        else:
+            log.warning(
+                "face detection: no face found in %s; the audio drives the whole image (report: face_found=false)",
+                job.image,
+            )
+        log.info("text conditioning: prompt and negative prompt")
         with self.timer("text_conditioning"):
             prompt = cfg.sampling.prompt_prefix + job.prompt
             pos = enc["text"].encode(prompt, inputs.image)
             neg = enc["text"].encode(cfg.sampling.negative_prompt, inputs.image)
+        log.info("reference latents: %dx%d, %d frames", inputs.width, inputs.height, cfg.model.window_frames)
         with self.timer("reference_latents"):
             pixels = reference_pixels(inputs.image, cfg.model.window_frames)
             generator = (
@@ -150,6 +160,7 @@ class Renderer:
             neg_text_pooled=neg.pooled.float().cpu(),
             ref_latents=ref.float().cpu(),
             num_frames=inputs.num_frames,
+            face_found=bool(len(boxes)),
         )
 
     # --- the whole job -----------------------------------------------------------------------------------------------
@@ -224,14 +235,29 @@ class Renderer:
             with comm.counting() as comm_counts, torch.inference_mode():
                 seams = self._denoise_and_decode(job, strategy, noise, velocity, writer, inputs, resume, saved)
             if writer is not None:
+                log.info("mux: audio of %s into %s", job.audio, job.output)
                 with self.timer("mux"):
                     writer.finish()
             stats.windows = strategy.details()
             stats.resumed_from_step = resume.resumed_from
+            ranks = topo.gather_to_main(device_info(self.device))
             report = {}
             if topo.is_main:
                 elapsed = time.perf_counter() - start
-                report = build_report(cfg, topo, job, inputs, strategy, stats, seams, self.timer, comm_counts, elapsed)
+                report = build_report(
+                    cfg,
+                    topo,
+                    job,
+                    inputs,
+                    strategy,
+                    stats,
+                    seams,
+                    self.timer,
+                    comm_counts,
+                    elapsed,
+                    cond.face_found,
+                    ranks,
+                )
                 from avatar.io.atomic import atomic_write_json
 
                 # Report and done mark first, the mp4 last: a kill in between leaves a done mark without its output,
@@ -272,6 +298,12 @@ class Renderer:
             cache.free()
         if saved is not None:
             self._save_intermediates(job, {**saved, "latents": latents.cpu()})
+        log.info(
+            "decode: %d latent frames to %d video frames on %d rank(s)",
+            strategy.kept,
+            inputs.num_frames,
+            self.topo.world,
+        )
         with self.timer("decode_write"):
             return self._decode_to_writer(
                 latents[:, :, : strategy.kept], inputs.num_frames, writer, strategy.boundaries()

@@ -234,3 +234,33 @@ def test_rejects_wrong_audio_length(model):
     inputs["audio_feats"] = inputs["audio_feats"][:, :-1]
     with pytest.raises(ValueError, match="audio_feats"):
         model(**inputs)
+
+
+def test_all_official_adapters_load_strictly_into_a_shallower_model_and_extra_ones_never_run(tmp_path):
+    """The official constructor builds all 10 adapters (after double blocks 1, 3, …, 19) and runs those whose block
+    exists: a checkpoint with all of them loads strictly into a 2-double-block test model, and the adapters past the
+    depth do not change the output."""
+    from dataclasses import replace
+
+    from avatar.weights.load import load_dit, save_official_checkpoint
+
+    cfg = replace(tiny_config(), adapter_after_double=list(range(1, 20, 2)))
+    torch.manual_seed(0)
+    source = AvatarDiT(cfg).eval()
+    assert len(source.audio_adapter_blocks) == 10 and source.adapter_index == {1: 0}
+    path = tmp_path / "ckpts" / "hunyuan-video-t2v-720p" / "transformers" / "mp_rank_00_model_states.pt"
+    path.parent.mkdir(parents=True)
+    save_official_checkpoint(source.state_dict(), path)
+    loaded = load_dit(tmp_path, cfg, dtype=torch.float32, device="cpu").eval()
+    inputs = make_inputs(cfg)
+    with torch.no_grad():
+        before = loaded(**inputs)
+        for adapter in loaded.audio_adapter_blocks[1:]:
+            for p in adapter.parameters():
+                p.add_(torch.randn_like(p))
+        assert torch.equal(loaded(**inputs), before)
+        for p in loaded.audio_adapter_blocks[0].parameters():
+            p.add_(torch.randn_like(p))
+        assert not torch.equal(loaded(**inputs), before)
+    with pytest.raises(ValueError, match="adapter_after_double"):
+        AvatarDiT(replace(cfg, adapter_after_double=[-1]))

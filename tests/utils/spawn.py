@@ -9,6 +9,7 @@ raises makes ``spawn`` raise with that rank's traceback; a run past ``timeout`` 
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -16,6 +17,7 @@ import time
 import traceback
 from datetime import timedelta
 
+import torch
 import torch.multiprocessing as mp
 
 #: Per-collective timeout inside the children: a peer that died makes the others fail instead of waiting forever.
@@ -47,7 +49,11 @@ def _worker(rank: int, world_size: int, port: int, results, fn, args) -> None:
     torch.set_num_threads(1)
     try:
         init_distributed(device="cpu", timeout=COLLECTIVE_TIMEOUT)
-        results.put((rank, True, fn(rank, world_size, *args)))
+        # Sent as bytes: a tensor in a torch queue travels as a shared file descriptor that vanishes when this
+        # rank exits, which under load can happen before the parent reads it.
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -87,7 +93,7 @@ def spawn(world_size: int, fn, *args, timeout: float = 120.0) -> list:
                         ) from None
                 continue
             if ok:
-                collected[rank] = value
+                collected[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 failures[rank] = value
                 break
