@@ -197,7 +197,7 @@ def denoise_lockstep(
         for index, frames in enumerate(windows):
             if not topo.owns(index):
                 continue
-            audio = strategy.window_audio(cond.audio_feats, step, index)
+            audio = strategy.window_audio(cond.audio_feats, frames)
             mine[index] = velocity.step(x[:, :, frames], step, audio, frames, index, cache)
         if cache is not None:
             cache.commit(topo.data_group)
@@ -223,7 +223,7 @@ def denoise_segment_step(
 ) -> torch.Tensor:
     """One step of segment ``index`` on its own (its cache spans only its frames, counted from 0)."""
     frames = list(range(strategy.window))
-    audio = strategy.window_audio(velocity.cond.audio_feats, step, index)
+    audio = strategy.window_audio(velocity.cond.audio_feats, strategy.windows(step)[index])
     stepped = velocity.step(x, step, audio, frames, 0, cache)
     if cache is not None:
         cache.commit(None)

@@ -68,14 +68,14 @@ class Strategy:
         """Per-frame blend weights of every window (None: counter averaging)."""
         return None
 
-    def audio_rows(self, step: int, index: int) -> list[int]:
-        """Audio-feature rows (video frames) of window ``index`` at ``step``: 4W − 3 rows, frame 0 first."""
-        first = self.ratio * self.windows(step)[index][0]
+    def audio_rows(self, first_latent: int) -> list[int]:
+        """Audio-feature rows (video frames) of a window starting at latent ``first_latent``: 4W − 3 rows."""
+        first = self.ratio * first_latent
         return list(range(first, first + self.ratio * (self.window - 1) + 1))
 
-    def window_audio(self, audio_feats: torch.Tensor, step: int, index: int) -> torch.Tensor:
-        """``audio_feats`` rows of window ``index`` at ``step`` (zero rows past the end of the audio)."""
-        rows = torch.as_tensor(self.audio_rows(step, index), dtype=torch.long)
+    def window_audio(self, audio_feats: torch.Tensor, frames: list[int]) -> torch.Tensor:
+        """``audio_feats`` rows of the window over latent ``frames`` (zero rows past the end of the audio)."""
+        rows = torch.as_tensor(self.audio_rows(frames[0]), dtype=torch.long)
         length = max(int(rows.max()) + 1, audio_feats.shape[0])
         if length > audio_feats.shape[0]:
             pad = audio_feats.new_zeros((length - audio_feats.shape[0], *audio_feats.shape[1:]))
@@ -109,9 +109,11 @@ class Shift(Strategy):
     def windows(self, step: int) -> list[list[int]]:
         return win.shift_windows(step, self.domain, self.window, self.model.shift_offset)
 
-    def audio_rows(self, step: int, index: int) -> list[int]:
-        # Circular over r·infer_length rows (the official zero-pads the features to that length).
-        return win.shift_audio_windows(step, self.domain, self.window, self.model.shift_offset, self.ratio)[index]
+    def audio_rows(self, first_latent: int) -> list[int]:
+        # The official circular index (r·s + j) mod r·L over r·infer_length rows (zero-padded features), with
+        # s = start − shift; r·(s mod L) ≡ r·s (mod r·L), so the window's first latent gives the same rows.
+        period = self.ratio * self.domain
+        return [(row % period) for row in super().audio_rows(first_latent)]
 
     def boundaries(self) -> list[int]:
         return [self.ratio * s for s in range(self.window, self.kept, self.window)]

@@ -6,7 +6,7 @@ video frame, every further latent frame ``temporal_ratio`` (4) video frames: ``f
 Three strategies use these plans:
 
 - ``shift`` (official, dossier §6): circular windows over ``infer_length`` latents whose grid moves by
-  ``shift_offset`` every step (:class:`OfficialShiftPlan`, :func:`shift_windows`, :func:`shift_audio_windows`).
+  ``shift_offset`` every step (:class:`OfficialShiftPlan`, :func:`shift_windows`).
 - ``blend``: fixed overlapping windows (:func:`plan_windows`) denoised in lockstep and averaged every step with
   smooth weights that sum to 1 (:func:`window_weights`).
 - ``segments``: the same plan (:func:`plan_segments`), each window denoised to the end on its own, decoded, and
@@ -231,17 +231,3 @@ def shift_windows(step: int, infer_length: int, window: int, shift_offset: int) 
         return [list(range(window))]
     starts = _shift_starts(step, infer_length, window, shift_offset)
     return [[(s + k) % infer_length for k in range(window)] for s in starts]
-
-
-def shift_audio_windows(
-    step: int, infer_length: int, window: int, shift_offset: int, temporal_ratio: int = 4
-) -> list[list[int]]:
-    """Audio-frame indices matching :func:`shift_windows`: ``[(r·s + j) mod r·infer_length for j ≤ r·(window − 1)]``
-    (129 audio frames per 33-latent window)."""
-    period = temporal_ratio * infer_length
-    num_rows = temporal_ratio * (window - 1) + 1
-    if infer_length == window:
-        _shift_starts(0, infer_length, window, 0)
-        return [list(range(num_rows))]
-    starts = _shift_starts(step, infer_length, window, shift_offset)
-    return [[(temporal_ratio * s + j) % period for j in range(num_rows)] for s in starts]

@@ -111,22 +111,34 @@ def test_shift_windows_cover_everything_and_move(infer_length):
         previous_starts = starts
 
 
-def test_shift_audio_windows_match_latents():
+def _shift(num_frames: int):
+    from dataclasses import replace
+
+    from avatar.config import ModelConfig
+    from avatar.pipeline.strategies import Shift
+
+    return Shift(replace(ModelConfig(name="x"), window_frames=129, shift_offset=10), num_frames)
+
+
+def test_shift_audio_rows_match_latents():
+    shift = _shift(300)  # 97 latents
+    assert shift.domain == 97
     for step in range(6):
-        latent_groups = win.shift_windows(step, 97, 33, 10)
-        audio_groups = win.shift_audio_windows(step, 97, 33, 10)
-        for lat, aud in zip(latent_groups, audio_groups):
+        starts = [start - win.shift_at(step, 33, 10) for start in range(0, 97, 33)]  # official s = start − shift
+        for s, lat in zip(starts, win.shift_windows(step, 97, 33, 10)):
+            aud = shift.audio_rows(lat[0])
             assert len(aud) == 129
             assert all(0 <= a < 4 * 97 for a in aud)
             assert [aud[4 * k] for k in range(33)] == [4 * i for i in lat]  # latent k ↔ audio frame 4k of the window
+            assert aud == [(4 * s + j) % (4 * 97) for j in range(129)]  # the official circular index
     # step 1 of a 65-latent run: s = −10 → audio starts at (−40) mod 260
-    assert win.shift_audio_windows(1, 65, 33, 10)[0][:2] == [220, 221]
+    assert _shift(200).audio_rows(win.shift_windows(1, 65, 33, 10)[0][0])[:2] == [220, 221]
 
 
 def test_single_window_never_shifts():
     for step in range(5):
         assert win.shift_windows(step, 33, 33, 10) == [list(range(33))]
-        assert win.shift_audio_windows(step, 33, 33, 10) == [list(range(129))]
+        assert _shift(129).audio_rows(0) == list(range(129))
     with pytest.raises(ValueError):
         win.shift_windows(0, 20, 33, 10)
 
