@@ -55,6 +55,7 @@ def batch_args(weights: Path, manifest: Path, out_dir: Path, *extra: str) -> lis
         f"batch={manifest}",
         f"output_dir={out_dir}",
         f"sampling.steps={STEPS}",
+        "model.image_size=64",
         *extra,
     ]
 
