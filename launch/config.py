@@ -23,8 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from avatar.config import RunConfig
 from avatar.io.errors import InputError
+from launch.resources import config_dir
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = config_dir()
 
 #: key -> field that receives a path-like value of that key.
 PATH_KEYS = {"output": "path", "audio": "path", "batch": "manifest"}

@@ -30,10 +30,11 @@ from pathlib import Path
 
 from avatar.config import ModelConfig, ParallelConfig
 from avatar.io.errors import InputError
+from launch.resources import config_dir
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = config_dir()
 
 
 class MeshAxis(StrEnum):

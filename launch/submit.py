@@ -19,13 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from avatar.io.errors import EXIT_BAD_INPUT, InputError
 from launch.config import check_choices, register_configs
+from launch.resources import config_dir
 
 log = logging.getLogger("launch.submit")
 
 register_configs()
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def main(node: DictConfig) -> int:
     from launch.generate import prepare_jobs, run_from_config
 
