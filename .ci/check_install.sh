@@ -13,6 +13,7 @@ trap 'rm -rf "$TMP"' EXIT
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset PYTHONPATH
 
+rm -rf "$REPO/build"  # a stale build/lib could carry deleted modules into the wheel
 "$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation "$REPO" -w "$TMP/wheel"
 "$PY" -m venv --without-pip "$TMP/venv"
 SITE=$("$TMP/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -12,7 +12,6 @@ and ``batch.manifest=``, so the documented contract and the group selection both
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir

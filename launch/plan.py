@@ -26,7 +26,6 @@ import math
 import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 
 from avatar.config import ModelConfig, ParallelConfig
 from avatar.io.errors import InputError
