@@ -112,27 +112,17 @@ def _dit_dims(found: dict) -> tuple[int, int, int] | None:
 
 
 def _check_dit(root: Path, cfg: ModelConfig, fp8: bool, load_key: str) -> list[str]:
-    from avatar.weights.layout import expected_state_dict
-    from avatar.weights.load import (
-        CheckpointMismatch,
-        compare_state_dict,
-        dit_checkpoint_files,
-        read_fp8_scales,
-        read_metadata,
-    )
+    from avatar.weights.load import dit_checkpoint_files, read_metadata, verify_dit_checkpoint
 
     if not (root / (OFFICIAL_DIT_FP8_FILE if fp8 else OFFICIAL_DIT_FILE)).is_file():
         return []  # reported as a missing file
+    problems = verify_dit_checkpoint(root, cfg, fp8=fp8, load_key=load_key)
+    if len(problems) <= 1:
+        return problems
     files = dit_checkpoint_files(root, fp8)
-    try:
-        found = read_metadata(files, load_key)
-        scales = read_fp8_scales(files[0]) if fp8 else None
-    except CheckpointMismatch as err:
-        return [str(err)]
-    problems = compare_state_dict(expected_state_dict(cfg, fp8=fp8), found, scales)
-    dims = _dit_dims(found)
+    dims = _dit_dims(read_metadata(files, load_key))
     want = (cfg.hidden_size, cfg.depth_double, cfg.depth_single)
-    if problems and dims is not None and dims != want:
+    if dims is not None and dims != want:
         return [
             f"{files[0]} is a DiT of hidden_size {dims[0]} with {dims[1]} double / {dims[2]} single blocks, "
             f"model={cfg.name} has {want[0]} with {want[1]} / {want[2]} ({len(problems)} mismatched entries): "
