@@ -35,9 +35,10 @@ from avatar.config import (
 )
 from avatar.weights.files import BadCheckpoint, read_json, safe_torch_load, safetensors_header
 from avatar.weights.layout import expected_files
+from avatar.weights.tiny import MARKER
 
 #: Written by ``make_tiny`` beside the tiny weights.
-TINY_MARKER = ".complete"
+TINY_MARKER = MARKER
 
 
 def download_hint(root: str | Path) -> str:
