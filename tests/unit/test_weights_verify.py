@@ -57,6 +57,10 @@ def test_select_files_takes_exactly_the_layout():
     assert "ckpts/whisper-tiny/pytorch_model.bin" not in files  # safetensors preferred
     assert "ckpts/llava_llama_image/model.safetensors.index.json" in files
     assert "ckpts/det_align/detface.pt" in files
+    # snapshot_download filters the repository with these as allow_patterns: exactly these files come down
+    from huggingface_hub.utils import filter_repo_objects
+
+    assert sorted(filter_repo_objects(LISTING, allow_patterns=files)) == sorted(files)
     fp8 = select_files(LISTING, "fp8", parse_components("dit,vae"))
     assert fp8 == [
         OFFICIAL_DIT_FP8_FILE,
