@@ -125,6 +125,21 @@ def test_verify_names_every_junk_file(tiny_weights, tmp_path):
     assert len(problems) == 5, problems
 
 
+def test_verify_loads_the_official_face_detector(tiny_weights, tmp_path):
+    from avatar.config import OFFICIAL_FACE_DETECTOR
+
+    root = _copy(tiny_weights, tmp_path / "w")
+    cfg = compose(["model=tiny", "model.face_detector=official"]).model
+    assert verify_weights(root, cfg) == [f"face_detector: missing file {root / OFFICIAL_FACE_DETECTOR}"]
+    detector = root / OFFICIAL_FACE_DETECTOR
+    detector.parent.mkdir(parents=True)
+    torch.jit.script(torch.nn.Conv2d(3, 4, 3)).save(str(detector))
+    assert verify_weights(root, cfg) == []
+    detector.write_bytes(detector.read_bytes()[:300])
+    [line] = verify_weights(root, cfg)
+    assert line.startswith(f"face_detector: {detector} is") and line.endswith("re-download it")
+
+
 def test_unsafe_and_corrupt_files_are_refused_at_load(tiny_weights, tmp_path):
     from avatar.models.vae import load_vae
     from avatar.weights.load import load_dit
