@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo tiny-weights test test-fast test-dist test-gpu test-cluster lint format print-config plan run bench clean
+.PHONY: install check-install demo tiny-weights test test-fast test-dist test-gpu test-cluster lint format print-config plan run bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: install tiny-weights
 	mkdir -p outputs
 	$(PY) -m launch.generate model=tiny weights=$(TINY) image=examples/portrait.jpg audio=examples/speech_5s.wav \
 		prompt="A woman speaks to the camera." output=outputs/demo.mp4 overwrite=true $(ARGS)
+
+# A real non-editable install: the wheel in a fresh venv renders the tiny demo from a folder outside the checkout.
+check-install: install
+	PY=$(abspath $(PY)) bash .ci/check_install.sh
 
 # Everything CI runs: tier 1 (unit), tier 2 (multi-rank gloo), cluster (local Slurm; skips where it cannot start).
 test: install

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -8,18 +9,35 @@ requirements = [
     if line.split("#")[0].strip()
 ]
 dev = {"pytest", "pytest-timeout", "ruff"}
+
+# Data shipped inside the package: the Hydra config groups (configs/ -> launch/_configs/), the weights manifest
+# (weights/ -> launch/_weights/, manifest and README only) and the Slurm templates (launch/slurm/). launch/resources.py
+# finds them in a checkout and in an installed wheel alike.
+ROOT = Path(__file__).resolve().parent
+config_packages = ["launch._configs"] + sorted(
+    "launch._configs." + ".".join(p.relative_to(ROOT / "configs").parts)
+    for p in (ROOT / "configs").rglob("*")
+    if p.is_dir() and any(p.glob("*.yaml"))
+)
+data_packages = [*config_packages, "launch._weights", "launch.slurm"]
 runtime = [r for r in requirements if r.split("==")[0] not in dev]
 
 setup(
     name="avatar-launcher",
-    version="0.1.0",
+    version=re.search(r'__version__ = "([^"]+)"', (ROOT / "avatar" / "__init__.py").read_text()).group(1),
     description="Multi-GPU distributed inference launcher for audio-driven talking-avatar video (HunyuanVideo-Avatar)",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["avatar", "avatar.*", "launch", "launch.*"]),
-    include_package_data=True,
+    packages=find_packages(include=["avatar", "avatar.*", "launch", "launch.*"]) + data_packages,
+    package_dir={"launch._configs": "configs", "launch._weights": "weights"},
+    package_data={
+        **{name: ["*.yaml"] for name in config_packages},
+        "launch._weights": ["manifest.yaml", "README.md"],
+        "launch.slurm": ["*.sbatch", "README.md"],
+    },
+    include_package_data=False,
     install_requires=runtime,
     extras_require={
         "dev": [r for r in requirements if r.split("==")[0] in dev],
@@ -30,6 +48,7 @@ setup(
             "avatar-generate=launch.generate:main",
             "avatar-weights=launch.weights:main",
             "avatar-plan=launch.plan:main",
+            "avatar-resources=launch.resources:main",
         ]
     },
 )

@@ -1,0 +1,4 @@
+"""avatar-launcher's library: models, attention, parallel, pipeline, weights, io (see avatar/README.md)."""
+
+#: The launcher's version (setup.py reads it from here; the run report records it).
+__version__ = "0.1.0"

@@ -259,8 +259,8 @@ class RunConfig:
     """Portrait image path."""
     prompt: str = "A person is speaking to the camera."
     """Scene description."""
-    weights: str = "weights"
-    """Weights folder in the official layout (holds ckpts/...)."""
+    weights: str = "weights/hunyuan_avatar"
+    """Weights folder in the official layout (holds ckpts/...; ``avatar-weights download DIR`` fills one)."""
     seed: int = 128
     """Seed of every random draw (noise, reference-latent sample)."""
     overwrite: bool = False

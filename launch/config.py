@@ -12,7 +12,6 @@ and ``batch.manifest=``, so the documented contract and the group selection both
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -23,8 +22,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from avatar.config import RunConfig
 from avatar.io.errors import InputError
+from launch.resources import config_dir
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = config_dir()
 
 #: key -> field that receives a path-like value of that key.
 PATH_KEYS = {"output": "path", "audio": "path", "batch": "manifest"}

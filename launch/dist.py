@@ -1,5 +1,11 @@
 """Process-group setup: the only module that reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and friends.
 
+Started by ``srun`` without torchrun (``srun --ntasks-per-node=8 python -m launch.generate ...``), the ranks come from
+Slurm instead: ``SLURM_PROCID``, ``SLURM_NTASKS`` (the step's task count), ``SLURM_LOCALID``, and the rendezvous is
+``MASTER_ADDR``/``MASTER_PORT`` when set, else the first host of the step's node list (or
+``SLURM_LAUNCH_NODE_IPADDR``) and port ``20000 + SLURM_JOB_ID % 20000``. torchrun's variables win when both exist; a
+plain ``sbatch`` script (no ``srun`` step) stays one process.
+
 A plain ``python -m launch.generate`` (no torchrun, ``WORLD_SIZE`` unset or 1) creates no process group at all;
 every parallel helper treats "no process group" as a world of one. Under torchrun/srun the group uses NCCL for CUDA
 tensors (with gloo beside it for CPU tensors such as pickled objects) or gloo alone on CPU.
@@ -52,14 +58,74 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from err
 
 
+def _under_srun() -> bool:
+    """Started as a task of an ``srun`` step without torchrun (no ``WORLD_SIZE``/``RANK``)."""
+    env = os.environ
+    return "WORLD_SIZE" not in env and "RANK" not in env and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env
+
+
 def peek_rank() -> int:
     """Global rank from the environment without touching any process group (0 for a plain process)."""
-    return _env_int("RANK", 0)
+    return _env_int("SLURM_PROCID", 0) if _under_srun() else _env_int("RANK", 0)
+
+
+def _first_int(value: str | None, default: int) -> int:
+    """The first count of a Slurm per-node list such as ``4(x2),3`` (``SLURM_STEP_TASKS_PER_NODE``)."""
+    digits = ""
+    for ch in value or "":
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else default
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm host list: ``gpu[003-005,9]-ib,cpu1`` -> ``gpu003-ib``; ``a,b`` -> ``a``."""
+    item, depth = "", 0
+    for ch in nodelist.strip():
+        if ch == "," and depth == 0:
+            break
+        depth += (ch == "[") - (ch == "]")
+        item += ch
+    host, i = "", 0
+    while i < len(item):
+        if item[i] == "[":
+            end = item.index("]", i)
+            host += item[i + 1 : end].split(",")[0].split("-")[0]
+            i = end + 1
+        else:
+            host += item[i]
+            i += 1
+    return host
+
+
+def slurm_rendezvous() -> str | None:
+    """``tcp://HOST:PORT`` for ranks started by ``srun`` without torchrun (``None`` otherwise)."""
+    if not _under_srun():
+        return None
+    env = os.environ
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        addr = first_host(nodelist) if nodelist else env.get("SLURM_LAUNCH_NODE_IPADDR")
+    if not addr:
+        raise ValueError("srun without torchrun: no MASTER_ADDR, SLURM_STEP_NODELIST or SLURM_LAUNCH_NODE_IPADDR")
+    port = _env_int("MASTER_PORT", 20000 + _env_int("SLURM_JOB_ID", 9500) % 20000)
+    return f"tcp://{addr}:{port}"
 
 
 def read_env() -> tuple[int, int, int, int]:
     """``(rank, world_size, local_rank, local_world_size)`` from the launcher's environment (defaults: one
     process)."""
+    if _under_srun():
+        world_size = _env_int("SLURM_STEP_NUM_TASKS", _env_int("SLURM_NTASKS", 1))
+        rank = _env_int("SLURM_PROCID", 0)
+        local_rank = _env_int("SLURM_LOCALID", 0)
+        per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+        local_world_size = _first_int(per_node, world_size)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"inconsistent srun environment: SLURM_PROCID={rank} SLURM_NTASKS={world_size}")
+        return rank, world_size, local_rank, local_world_size
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -101,7 +167,13 @@ def init_distributed(device: str = "auto", timeout: timedelta | float | None = N
         timeout = timedelta(seconds=timeout)
     if not dist.is_initialized():
         backend = backend_for(resolved)
-        dist.init_process_group(backend=backend, timeout=timeout or DEFAULT_TIMEOUT, rank=rank, world_size=world_size)
+        dist.init_process_group(
+            backend=backend,
+            init_method=slurm_rendezvous(),
+            timeout=timeout or DEFAULT_TIMEOUT,
+            rank=rank,
+            world_size=world_size,
+        )
         logger.info("process group: %s, world %d, device %s", backend, world_size, resolved)
     return env
 

@@ -92,7 +92,7 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, object]:
 
 def run_from_config(cfg: RunConfig, jobs) -> int:
     """Initialise the process group, build the plan and render the jobs; always tear the group down. A preemption
-    (SIGTERM/SIGUSR1) saves a checkpoint and returns ``EXIT_PREEMPTED``; the same command resumes."""
+    (SIGTERM/SIGUSR1/SIGUSR2) saves a checkpoint and returns ``EXIT_PREEMPTED``; the same command resumes."""
     from avatar.pipeline.resume import Preempted
     from avatar.pipeline.state import StateStore, single_state_dir
     from launch.dist import destroy, init_distributed

@@ -30,7 +30,11 @@ def setup_logging(rank: int = 0, verbose_ranks: bool = False) -> None:
     """Configure the root logger for this process (call again after the rank is known)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
-        root.removeHandler(handler)
+        if isinstance(handler, logging.FileHandler):
+            # Hydra's job log (launch.submit, multirun): keep it, with our lines in our format.
+            handler.setFormatter(_RankFormatter(rank))
+        else:
+            root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_RankFormatter(rank))
     root.addHandler(handler)

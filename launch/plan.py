@@ -26,14 +26,14 @@ import math
 import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 
 from avatar.config import ModelConfig, ParallelConfig
 from avatar.io.errors import InputError
+from launch.resources import config_dir
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = config_dir()
 
 
 class MeshAxis(StrEnum):

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM/SIGUSR1 → checkpoint at the next step boundary → exit with ``EXIT_PREEMPTED``.
+"""Preemption: SIGTERM/SIGUSR1/SIGUSR2 → checkpoint at the next step boundary → exit with ``EXIT_PREEMPTED``.
 
 The handler only sets a flag. The pipeline asks ``Resume.stop_requested()`` (``avatar/pipeline/resume.py``) at each
 step boundary; under a process group the flag is all-reduced (MAX) so every rank sees the same answer at the same
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 #: requeue on it.
 EXIT_PREEMPTED = 75
 
-#: Signals that request a checkpoint-and-exit.
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+#: Signals that request a checkpoint-and-exit: SIGTERM (preemption with a grace time, scancel), SIGUSR1 (the
+#: templates' ``--signal=B:USR1@120``) and SIGUSR2 (submitit's preemption/timeout signal, ``launch.submit`` jobs).
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class PreemptionHandler:

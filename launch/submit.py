@@ -3,11 +3,12 @@
     python -m launch.submit -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu \\
         hydra.launcher.gpus_per_node=1 hydra.launcher.timeout_min=120 \\
         model=tiny weights=weights/tiny image=examples/portrait.jpg audio.path=examples/speech_5s.wav \\
-        output.path=outputs/s1.mp4 seed=1,2,3
+        'output.path=outputs/s_${seed}.mp4' seed=1,2,3
 
 Each job is one process that runs the same ``run_from_config`` as ``launch.generate``. Plain Hydra parses the
 command line here, so the path shorthands of ``launch.generate`` are spelled out: ``output.path=``, ``audio.path=``,
-``batch.manifest=``. For several GPUs per video use ``launch/slurm/generate.sbatch`` (torchrun) instead.
+``batch.manifest=``. A sweep needs one output per job: ``output.path=out_${seed}.mp4`` (resolved per job). Our log
+lines also go to each job's Hydra log file. For several GPUs per video use ``launch/slurm/generate.sbatch`` (torchrun) instead.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from avatar.io.errors import EXIT_BAD_INPUT, InputError
 from launch.config import check_choices, register_configs
+from launch.resources import config_dir
 
 log = logging.getLogger("launch.submit")
 
 register_configs()
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def main(node: DictConfig) -> int:
     from launch.generate import prepare_jobs, run_from_config
 

@@ -1,8 +1,9 @@
 """Driving audio: decode any common format to float32 mono at the model's sample rate.
 
 Decoders, in order: soundfile (wav/flac/ogg/mp3 via libsndfile), PyAV (m4a/aac/mp4/webm/...), then the ffmpeg
-binary bundled with imageio-ffmpeg. Channels are averaged to mono; the rate is converted with a windowed-sinc
-(Kaiser, β = 14.77, 0.99·Nyquist cut-off) polyphase resampler.
+binary bundled with imageio-ffmpeg. Channels are averaged to mono; the rate is converted with libsoxr's high-quality
+resampler (``soxr``, what the official ``librosa.load(sr=16000)`` uses: its default ``res_type="soxr_hq"``), and the
+length fixed to ``ceil(len · new / orig)`` as librosa does.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from avatar.io.errors import InputError
 #: Video frame rate: audio shorter than one frame cannot drive a video.
 VIDEO_FPS = 25
 
-_SINC_HALF_WIDTH = 16  # zero crossings each side (in units of the lower rate)
-_ROLLOFF = 0.99
-_KAISER_BETA = 14.769656459379492
-_MAX_POLYPHASE = 1_000_000  # orig·new (after dividing by the gcd) above which libswresample is used instead
+#: libsoxr quality of the official path (``librosa.load``'s default ``soxr_hq``).
+SOXR_QUALITY = "HQ"
 
 
 # --- decoders -----------------------------------------------------------------------------------------------------
@@ -86,52 +85,18 @@ def _decode(path: str, sample_rate: int) -> tuple[np.ndarray, int]:
 # --- resampling ---------------------------------------------------------------------------------------------------
 
 
-def _kernel(orig: int, new: int) -> tuple[np.ndarray, int]:
-    """Polyphase sinc kernels, one row per output phase: (new, 2·width + orig), and the padding width."""
-    base = min(orig, new) * _ROLLOFF
-    width = int(math.ceil(_SINC_HALF_WIDTH * orig / base))
-    idx = np.arange(-width, width + orig, dtype=np.float64)[None, :] / orig  # input offsets in seconds·orig
-    t = idx - (np.arange(new, dtype=np.float64)[:, None] / new)  # (new, taps)
-    t *= base
-    t = np.clip(t, -_SINC_HALF_WIDTH, _SINC_HALF_WIDTH)
-    window = np.i0(_KAISER_BETA * np.sqrt(np.clip(1 - (t / _SINC_HALF_WIDTH) ** 2, 0, None))) / np.i0(_KAISER_BETA)
-    kernel = np.sinc(t) * window * (base / orig)
-    return kernel.astype(np.float32), width
+def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Resample a 1-D float signal with libsoxr (HQ); output length ``ceil(len · new / orig)`` (librosa's
+    ``fix_length``: zero-padded or cut)."""
+    if orig_rate == new_rate or len(wav) == 0:
+        return np.asarray(wav, dtype=np.float32)
+    import soxr
 
-
-def _resample_swr(wav: np.ndarray, orig_rate: int, new_rate: int, target: int) -> np.ndarray:
-    """libswresample (via PyAV) for rate pairs whose polyphase kernel would be too large (coprime odd rates)."""
-    import av
-
-    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wav, dtype=np.float32)[None], format="flt", layout="mono")
-    frame.sample_rate = orig_rate
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=new_rate)
-    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    y = np.concatenate(out) if out else np.zeros(0, np.float32)
+    target = int(math.ceil(int(new_rate) * len(wav) / int(orig_rate)))
+    y = soxr.resample(np.ascontiguousarray(wav, dtype=np.float32), int(orig_rate), int(new_rate), quality=SOXR_QUALITY)
     if len(y) < target:
         y = np.pad(y, (0, target - len(y)))
     return np.ascontiguousarray(y[:target], dtype=np.float32)
-
-
-def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Resample a 1-D float signal; output length ``ceil(len · new / orig)``."""
-    if orig_rate == new_rate or len(wav) == 0:
-        return np.asarray(wav, dtype=np.float32)
-    import torch
-
-    g = math.gcd(int(orig_rate), int(new_rate))
-    orig, new = int(orig_rate) // g, int(new_rate) // g
-    target = int(math.ceil(new * len(wav) / orig))
-    if orig * new > _MAX_POLYPHASE:
-        return _resample_swr(wav, int(orig_rate), int(new_rate), target)
-    kernel, width = _kernel(orig, new)
-    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None, None]
-    x = torch.nn.functional.pad(x, (width, width + orig))
-    with torch.no_grad():
-        y = torch.nn.functional.conv1d(x, torch.from_numpy(kernel)[:, None, :], stride=orig)  # (1, new, blocks)
-    y = y[0].transpose(0, 1).reshape(-1)
-    return np.ascontiguousarray(y[:target].numpy(), dtype=np.float32)
 
 
 # --- public -------------------------------------------------------------------------------------------------------

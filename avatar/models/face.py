@@ -47,6 +47,20 @@ def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> lis
     return keep
 
 
+def load_detector(path: str | Path, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    """The official TorchScript detector (``det_align/detface.pt``); a truncated or corrupt file raises a one-line
+    ``BadCheckpoint``."""
+    from avatar.weights.files import BadCheckpoint, check_torch_file
+
+    check_torch_file(path)
+    try:
+        return torch.jit.load(str(path), map_location=device).eval()
+    except (RuntimeError, ValueError, OSError):
+        raise BadCheckpoint(
+            f"{path} is not a loadable TorchScript face detector (truncated or corrupt); re-download it"
+        ) from None
+
+
 class FaceDetector:
     """``detect(image) -> list[Box]`` with the ``official`` TorchScript detector or OpenCV's Haar cascade."""
 
@@ -68,7 +82,7 @@ class FaceDetector:
                     f"face detector: {detector_path} not found; download det_align/detface.pt with the official "
                     "weights or set model.face_detector=opencv"
                 )
-            self.model = torch.jit.load(str(detector_path), map_location=self.device).eval()
+            self.model = load_detector(detector_path, self.device)
         elif backend == "opencv":
             import cv2
 

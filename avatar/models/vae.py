@@ -76,7 +76,9 @@ def load_vae(vae_dir: str | Path, dtype: torch.dtype = torch.float16, device: to
         return vae.to(device).eval()
 
     config = _diffusers_config(json.loads(config_path.read_text()))
-    checkpoint = torch.load(official, map_location="cpu", weights_only=True)
+    from avatar.weights.files import safe_torch_load
+
+    checkpoint = safe_torch_load(official)
     state = checkpoint.get("state_dict", checkpoint)
     state = {k.removeprefix("vae."): v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import subprocess
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -18,6 +21,8 @@ def build_report(
     device and peak memory (``device_info``), in rank order."""
     import diffusers
     import transformers
+
+    import avatar
 
     return {
         "output": os.path.abspath(job.output),
@@ -49,6 +54,8 @@ def build_report(
         "timings_seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
         "seconds_total": round(seconds, 3),
         "peak_host_memory_mb": round(peak_host_memory_mb(), 1),
+        "launcher": {"version": avatar.__version__, "git_commit": git_commit()},
+        "weights": {"path": os.path.abspath(cfg.weights), "fingerprint": weights_fingerprint(cfg.weights)},
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -73,3 +80,34 @@ def device_info(device: torch.device) -> dict:
         "name": platform.processor() or platform.machine(),
         "peak_host_memory_mb": round(peak_host_memory_mb(), 1),
     }
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the checkout the launcher runs from (``+dirty`` with local changes); ``None`` for an installed
+    package or without git."""
+    source = Path(__file__).resolve().parents[2]
+    if not (source / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "") if head else None
+
+
+@functools.cache
+def weights_fingerprint(weights_dir: str) -> str | None:
+    """Hash of the weights folder's file names, sizes and headers (``avatar.weights.files.weights_fingerprint``),
+    once per process and folder."""
+    from avatar.weights.files import weights_fingerprint as fingerprint
+
+    return fingerprint(weights_dir)

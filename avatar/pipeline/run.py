@@ -37,6 +37,7 @@ from avatar.pipeline.job import (
 from avatar.pipeline.report import build_report, device_info
 from avatar.pipeline.resume import Resume, job_state
 from avatar.pipeline.topology import Topology
+from avatar.progress import format_seconds, progress
 
 log = logging.getLogger(__name__)
 
@@ -318,13 +319,15 @@ class Renderer:
 
         meter = SeamMeter(boundaries) if self.topo.is_main else None
         written = 0
-        for uint8 in self._decoded_uint8(latents):
-            uint8 = uint8[: max(0, num_frames - written)]
-            if uint8.shape[0] == 0:
-                continue
-            writer.write(uint8)
-            meter.add(uint8)
-            written += uint8.shape[0]
+        with progress(total=num_frames, desc="decode", unit="frames", rank=0 if self.topo.is_main else 1) as bar:
+            for uint8 in self._decoded_uint8(latents):
+                uint8 = uint8[: max(0, num_frames - written)]
+                if uint8.shape[0] == 0:
+                    continue
+                writer.write(uint8)
+                meter.add(uint8)
+                written += uint8.shape[0]
+                bar.update(uint8.shape[0])
         return meter.report() if meter is not None else None
 
     # --- segments -----------------------------------------------------------------------------------------------------
@@ -344,10 +347,20 @@ class Renderer:
         finished = resume.finished_segments()
         ckpt_step, ckpt = resume.load_round()
         num_rounds = -(-len(segments) // topo.data_size)
+        clock, rendered = time.perf_counter(), 0
         for r in range(num_rounds):
             indices = range(r * topo.data_size, min((r + 1) * topo.data_size, len(segments)))
             results = resume.load_segments([i for i in indices if i in finished])
             todo = [i for i in indices if i not in results]
+            log.info(
+                "segment%s %s/%d (round %d/%d)%s",
+                "s" if len(indices) > 1 else "",
+                f"{indices[0] + 1}-{indices[-1] + 1}" if len(indices) > 1 else indices[0] + 1,
+                len(segments),
+                r + 1,
+                num_rounds,
+                "" if todo else ": finished before, kept",
+            )
             if todo:
                 starts = {i: ckpt_step if i in ckpt else 0 for i in todo}
                 mine = {}
@@ -379,6 +392,16 @@ class Renderer:
                             streamer.add(index, frames, writer)
                 if topo.is_main:
                     streamer.finish_segment(index, writer)
+            if todo:
+                rendered += 1
+                elapsed = time.perf_counter() - clock
+                log.info(
+                    "segments: %d/%d done, %s elapsed, ETA %s",
+                    indices[-1] + 1,
+                    len(segments),
+                    format_seconds(elapsed),
+                    format_seconds(elapsed / rendered * (num_rounds - r - 1)),
+                )
         return streamer.close()
 
     def _decoded_uint8(self, latents: torch.Tensor):

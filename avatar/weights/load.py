@@ -9,7 +9,6 @@ assigned into it, so host memory holds one copy of the weights.
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from avatar.config import OFFICIAL_DIT_FILE, OFFICIAL_DIT_FP8_FILE, ModelConfig
 from avatar.io.errors import InputError
 from avatar.models.transformer import AvatarDiT
+from avatar.weights.files import safe_torch_load, safetensors_header
 from avatar.weights.layout import FP8_BLOCK_PREFIXES, FP8_DTYPE, expected_state_dict, fp8_map_path, is_fp8_weight
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,8 @@ def dit_checkpoint_files(weights: str | Path, fp8: bool = False) -> list[Path]:
 
 
 def _torch_load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointMismatch(
-            f"{path}: refused to load (it holds pickled objects other than tensors): {err}"
-        ) from err
-    except RuntimeError as err:
-        raise CheckpointMismatch(f"{path}: not a readable torch checkpoint (zip format expected): {err}") from err
+    """Tensors-only load; truncated, corrupt or unsafe files raise ``BadCheckpoint`` (one line, "re-download it")."""
+    return safe_torch_load(path)
 
 
 #: safetensors dtype names -> torch dtypes (the ones a DiT checkpoint may hold).
@@ -127,13 +121,8 @@ def read_metadata(files: list[Path], load_key: str = "module") -> dict[str, tupl
     metadata = {}
     for path in files:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device="cpu") as shard:
-                for key in shard.keys():
-                    tensor_slice = shard.get_slice(key)
-                    dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.uint8)
-                    metadata[key] = (tuple(tensor_slice.get_shape()), dtype)
+            for key, entry in safetensors_header(path).items():
+                metadata[key] = (tuple(entry["shape"]), _SAFETENSORS_DTYPES.get(entry["dtype"], torch.uint8))
             continue
         metadata.update({key: (tuple(t.shape), t.dtype) for key, t in _read_pt(path, load_key).items()})
     return metadata

@@ -84,6 +84,7 @@ def test_generate_sbatch_forwards_preemption_and_requeues(slurm_cluster, tmp_pat
     log = tmp_path / "pre.out"
     job = slurm_cluster.sbatch(
         "--gpus-per-node=0",
+        "--cpus-per-task=1",
         f"--export={env}",
         "-o",
         str(log),
@@ -126,6 +127,7 @@ def test_generate_sbatch_two_workers_tiny(slurm_cluster, tiny_weights_dir, tmp_p
     out = tmp_path / "out.mp4"
     job = slurm_cluster.sbatch(
         "--gpus-per-node=0",
+        "--cpus-per-task=1",
         "--export=ALL,GPUS_PER_NODE=2,PYTHON=" + PYTHON,
         "-o",
         str(tmp_path / "gen-%j.out"),
@@ -158,6 +160,7 @@ def test_array_sbatch_shards_a_two_row_manifest(slurm_cluster, tiny_weights_dir,
     job = slurm_cluster.sbatch(
         "--array=0-1",
         "--gpus-per-node=0",
+        "--cpus-per-task=1",
         "--export=ALL,GPUS_PER_NODE=1,PYTHON=" + PYTHON,
         "-o",
         str(tmp_path / "arr-%A_%a.out"),

@@ -22,7 +22,8 @@ def _ok(result):
 @pytest.fixture(scope="module")
 def single(tiny_weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "talk.mp4"
-    _ok(generate(*tiny_args(tiny_weights, out, None, "save_intermediates=true")))
+    result = _ok(generate(*tiny_args(tiny_weights, out, None, "save_intermediates=true")))
+    (out.parent / "stderr.log").write_text(result.stderr)
     return out
 
 
@@ -53,6 +54,29 @@ def test_run_report_records_config_plan_hashes_timings_and_windows(single):
         assert report["timings_seconds"][stage] >= 0, stage
     assert report["denoise"]["windows"] and report["peak_host_memory_mb"] > 0
     assert set(report["versions"]) >= {"torch", "diffusers", "transformers"}
+
+
+@pytest.mark.timeout(300)
+def test_report_and_log_observe_every_stage(single, tiny_weights):
+    import avatar
+    from avatar.weights.files import weights_fingerprint
+
+    report = json.loads((single.parent / (single.name + ".json")).read_text())
+    assert report["launcher"]["version"] == avatar.__version__
+    commit = report["launcher"]["git_commit"]  # the tests run from the git checkout
+    assert commit is None or len(commit.removesuffix("+dirty")) == 40
+    assert report["weights"]["fingerprint"] == weights_fingerprint(tiny_weights)
+    den = report["denoise"]
+    assert den["windows_per_step"] == len(report["denoise"]["windows"]) >= 1
+    # one forward per CFG branch per window per step (the tiny run: 3 steps, 2 branches, no CFG split)
+    assert den["forwards"] == 2 * den["window_calls"] == 2 * 3 * den["windows_per_step"]
+    assert report["face_found"] is True and report["ranks"][0]["peak_host_memory_mb"] > 0
+    log = (single.parent / "stderr.log").read_text()
+    assert "\r" not in log  # not a terminal: plain progress lines
+    for line in ("audio features:", "face detection:", "text conditioning:", "reference latents:", "denoising "):
+        assert line in log, line
+    assert "denoise: 3/3 it (100%)" in log and "decode: 125/125 frames (100%)" in log and "mux: audio" in log
+    assert "ETA" in log
 
 
 @pytest.mark.timeout(600)

@@ -173,6 +173,15 @@ def test_resampler_rejects_aliases():
     assert len(y) == 16000 and np.sqrt(np.mean(y[200:-200] ** 2)) < 1e-3
 
 
+@pytest.mark.parametrize("rate", [8000, 22050, 44099])  # up, down, and an odd rate coprime with 16 kHz
+def test_resample_keeps_a_tone_and_the_length_contract(rate):
+    x = _tone(1.5, rate, freq=300.0)
+    y = resample(x, rate, 16000)
+    assert y.dtype == np.float32 and len(y) == math.ceil(len(x) * 16000 / rate)
+    reference = 0.5 * np.sin(2 * np.pi * 300 * np.arange(len(y)) / 16000)
+    assert np.abs(y[400:-400] - reference[400:-400]).max() < 2e-3
+
+
 @pytest.mark.parametrize("fmt", ["mp3", "m4a"])
 def test_compressed_formats_via_fallback(tmp_path, fmt):
     src = tmp_path / "src.wav"

@@ -18,7 +18,7 @@ def _resume(topo, handler) -> Resume:
     return Resume(topo, None, None, "shift", handler, frozenset(), total_steps=10, every=0)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
 def test_signal_sets_flag_and_handler_is_restored(signum):
     before = signal.getsignal(signum)
     with PreemptionHandler() as handler:

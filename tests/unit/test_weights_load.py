@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from avatar.config import OFFICIAL_DIT_FILE, OFFICIAL_DIT_FP8_FILE, ModelConfig
 from avatar.models.transformer import AvatarDiT
+from avatar.weights.files import BadCheckpoint
 from avatar.weights.layout import expected_state_dict, fp8_map_path
 from avatar.weights.load import (
     CheckpointMismatch,
@@ -168,6 +169,6 @@ def test_refuses_pickled_objects(tmp_path):
     path = tmp_path / OFFICIAL_DIT_FILE
     path.parent.mkdir(parents=True)
     torch.save({"module": random_state(cfg, 0), "extra": _Payload(marker)}, path)
-    with pytest.raises(CheckpointMismatch, match="refused"):
+    with pytest.raises(BadCheckpoint, match="is not a safe checkpoint.*re-download it$") as err:
         load_dit(tmp_path, cfg, dtype=torch.float32, device="cpu")
-    assert not marker.exists()
+    assert not marker.exists() and "weights_only" not in str(err.value)
