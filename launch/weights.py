@@ -18,6 +18,9 @@ USAGE = __doc__
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     setup_logging(0)
+    if args and args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0
     if len(args) < 2 or args[0] not in ("make-tiny", "verify"):
         sys.stderr.write(USAGE)
         return EXIT_BAD_INPUT
