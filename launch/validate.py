@@ -278,7 +278,14 @@ def check_weights(cfg: RunConfig) -> None:
     """Every weights component complete and readable (``avatar.weights.verify``), before any model is built."""
     from avatar.weights.verify import verify_weights
 
-    problems = verify_weights(cfg.weights, cfg.model, fp8=cfg.fp8, load_key=cfg.load_key)
+    try:
+        problems = verify_weights(cfg.weights, cfg.model, fp8=cfg.fp8, load_key=cfg.load_key)
+    except Exception as err:  # noqa: BLE001 - an unreadable file is a bad input, in one line
+        detail = " ".join(f"{type(err).__name__}: {err}".split())
+        raise InputError(
+            f"weights={cfg.weights}: a weights file cannot be read ({detail}); it is truncated or corrupt, "
+            f"re-download it (`python -m launch.weights verify {cfg.weights} model={cfg.model.name}` names it)"
+        ) from None
     if problems:
         shown = "; ".join(problems[:3]) + (f"; … {len(problems) - 3} more" if len(problems) > 3 else "")
         raise InputError(
