@@ -155,7 +155,8 @@ def _read_csv(lines: list[tuple[str, str]], path: Path) -> Manifest:
         if not error and len(values) != len(header):
             error = f"{len(values)} fields, the header has {len(header)} ({','.join(header)})"
         if error:
-            rows.append(_broken_row(path, number, error, values[0].strip() if values else ""))
+            first = values[0] if values else text.split(",", 1)[0]
+            rows.append(_broken_row(path, number, error, first.strip().strip('"')))
             continue
         record = dict(zip(header, values))
         fps, fps_error = _parse_fps(record.get("fps"))
