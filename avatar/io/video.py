@@ -114,7 +114,11 @@ class VideoWriter:
         cmd += ["-c:v", "libx264", "-preset", self.preset, "-crf", str(int(crf)), "-pix_fmt", "yuv420p"]
         cmd += ["-r", self._rate_str(), "-movflags", "+faststart", "-f", "mp4", ffmpeg_path(self._video_tmp)]
         try:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
+            # its own session: a SIGTERM/SIGINT sent to our process group (preemption, Ctrl-C) reaches us, and we
+            # checkpoint and stop the encoder ourselves, instead of killing it mid-stream
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True
+            )
         except OSError:
             self._log.close()
             raise
