@@ -12,9 +12,88 @@ Three kinds of settings live in separate dataclasses: what the network *is* (``M
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Optional
 
 from omegaconf import MISSING
+
+#: The one frame rate: the official model is trained and conditioned at 25 fps (fps_proj input), the audio features
+#: are cut into 25 windows per second and the mp4 plays at 25 fps. Not a setting: another rate would play the frames
+#: too fast or too slow against the sound.
+FPS = 25
+
+#: Official constant motion buckets fed to the DiT's ``motion_exp`` / ``motion_pose`` embedders.
+OFFICIAL_MOTION_EXP = 30.0
+OFFICIAL_MOTION_POSE = 25.0
+
+#: Seeds are 0 .. SEED_MAX (the reference-latent draw uses seed + 1, which must fit torch's 64-bit generator).
+SEED_MAX = 2**63 - 2
+
+
+class Strategy(StrEnum):
+    """Long-audio strategy (``long.strategy``, per-row ``strategy``)."""
+
+    auto = "auto"
+    shift = "shift"
+    blend = "blend"
+    segments = "segments"
+
+
+class Fidelity(StrEnum):
+    official = "official"
+    fp32 = "fp32"
+
+
+class Backend(StrEnum):
+    native = "native"
+    xfuser = "xfuser"
+
+
+class Kernel(StrEnum):
+    sdpa = "sdpa"
+    flash = "flash"
+
+
+class OnError(StrEnum):
+    stop = "stop"
+    skip = "skip"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(StrEnum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class LoadKey(StrEnum):
+    module = "module"
+    ema = "ema"
+
+
+class FaceDetectorKind(StrEnum):
+    official = "official"
+    opencv = "opencv"
+
+
+class X264Preset(StrEnum):
+    ultrafast = "ultrafast"
+    superfast = "superfast"
+    veryfast = "veryfast"
+    faster = "faster"
+    fast = "fast"
+    medium = "medium"
+    slow = "slow"
+    slower = "slower"
+    veryslow = "veryslow"
+    placebo = "placebo"
+
 
 #: Output-folder names of the official release, relative to the weights folder (``weights/ckpts/...``).
 OFFICIAL_DIT_FILE = "ckpts/hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt"
@@ -89,11 +168,6 @@ class ModelConfig:
     """Inner width of the single-head audio adapters (PerceiverAttentionCA dim_head)."""
     adapter_after_double: list[int] = field(default_factory=lambda: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19])
     """0-based double-block indices after which an audio adapter runs."""
-    motion_exp: float = 30.0
-    """Constant motion-expression bucket value (official: 30)."""
-    motion_pose: float = 25.0
-    """Constant motion-pose bucket value (official: 25)."""
-
     # --- VAE and geometry ---
     vae_temporal_ratio: int = 4
     """Video frames per latent frame (after the first)."""
@@ -119,7 +193,7 @@ class ModelConfig:
     """VAE spatial tile, in pixels (official 256)."""
     vae_tile_stride: int = 192
     """VAE spatial tile stride, in pixels (official 192)."""
-    face_detector: str = "official"
+    face_detector: FaceDetectorKind = FaceDetectorKind.official
     """Face detector: ``official`` (TorchScript det_align/detface.pt) or ``opencv`` (OpenCV's bundled Haar cascade)."""
 
 
@@ -152,10 +226,16 @@ class SamplingConfig:
     """Prefix added to every prompt."""
     cache: bool = True
     """Reuse the input of the last single block on the official cached steps (official default: on)."""
-    fidelity: str = "official"
+    fidelity: Fidelity = Fidelity.official
     """``official``: the official dtype roundings between steps; ``fp32``: exact float32 throughout."""
     reference_sample: bool = False
     """Draw the reference latent from the VAE posterior (official) instead of using its mean."""
+    motion_exp: float = OFFICIAL_MOTION_EXP
+    """Expression-motion bucket fed to the DiT's ``motion_exp`` embedder on every step (official constant: 30).
+    Lower values tone facial motion down, higher values exaggerate it."""
+    motion_pose: float = OFFICIAL_MOTION_POSE
+    """Head-pose-motion bucket fed to the DiT's ``motion_pose`` embedder on every step (official constant: 25).
+    Lower values keep the head stiller."""
 
 
 @dataclass
@@ -166,10 +246,11 @@ class AudioConfig:
     """Speech audio path (wav, flac, mp3, m4a; any rate, mono or stereo)."""
     sample_rate: int = 16000
     """Rate audio is resampled to for Whisper."""
-    fps: int = 25
-    """Video frame rate (the official model is trained at 25)."""
     max_seconds: Optional[float] = None
     """Reject audio longer than this (None: no maximum)."""
+    allow_damaged: bool = False
+    """Render audio whose decoded length disagrees with its container's by more than one video frame (a corrupt
+    stretch), with a warning in the log and ``audio_damaged`` in the report, instead of refusing it."""
     chunk_seconds: float = 30.0
     """Whisper encoder input length per piece."""
     context_seconds: float = 2.0
@@ -180,7 +261,7 @@ class AudioConfig:
 class LongConfig:
     """Long-audio windowing and stitching."""
 
-    strategy: str = "auto"
+    strategy: Strategy = Strategy.auto
     """``shift`` (official circular shifted windows), ``blend`` (lockstep overlapping windows averaged each step),
     ``segments`` (independent overlapping segments cross-faded, streamed to disk) or ``auto``."""
     overlap_frames: int = 0
@@ -208,9 +289,9 @@ class ParallelConfig:
 class AttentionConfig:
     """Attention facade settings."""
 
-    backend: str = "native"
+    backend: Backend = Backend.native
     """``native`` (our Ulysses/Ring on torch.distributed) or ``xfuser`` (optional, GPU, extra [xdit])."""
-    kernel: str = "sdpa"
+    kernel: Kernel = Kernel.sdpa
     """Local kernel: ``sdpa`` (torch) or ``flash`` (flash-attn, when installed)."""
 
 
@@ -220,11 +301,9 @@ class OutputConfig:
 
     path: str = "outputs/out.mp4"
     """Output mp4 path (``output=PATH.mp4`` on the command line sets this)."""
-    fps: int = 25
-    """Frame rate written."""
     crf: int = 18
-    """libx264 constant rate factor."""
-    preset: str = "medium"
+    """libx264 constant rate factor (0 lossless .. 51)."""
+    preset: X264Preset = X264Preset.medium
     """libx264 preset."""
 
 
@@ -234,7 +313,7 @@ class BatchConfig:
 
     manifest: Optional[str] = None
     """CSV (official columns videoid,image,audio,prompt,fps) or JSON Lines manifest."""
-    on_error: str = "stop"
+    on_error: OnError = OnError.stop
     """``stop`` at the first bad row, or ``skip`` it and list it in the summary."""
     shard_index: Optional[int] = None
     """This job's shard of the manifest, 0-based (``launch/slurm/array.sbatch`` sets it from SLURM_ARRAY_TASK_ID)."""
@@ -258,25 +337,45 @@ class RunConfig:
     image: Optional[str] = None
     """Portrait image path."""
     prompt: str = "A person is speaking to the camera."
-    """Scene description."""
+    """Scene description, taken literally (commas, quotes, ``${...}``, newlines are kept as typed)."""
+    prompt_file: Optional[str] = None
+    """Read the prompt from this UTF-8 text file instead (trailing newlines dropped)."""
     weights: str = "weights/hunyuan_avatar"
     """Weights folder in the official layout (holds ckpts/...; ``avatar-weights download DIR`` fills one)."""
     seed: int = 128
-    """Seed of every random draw (noise, reference-latent sample)."""
+    """Seed of every random draw (noise, reference-latent sample): an integer from 0 to 2**63 - 2."""
     overwrite: bool = False
-    """Replace an existing output."""
+    """Replace an existing output (atomically; never a file that is one of this run's inputs). Without it an output
+    that exists, or appears while rendering, is kept and this run's video goes to ``<output>.conflict-<id>.mp4``."""
     save_intermediates: bool = False
     """Save the denoise inputs (noise, text states, audio features, reference latents, face mask) beside the
     output."""
     output_dir: Optional[str] = None
     """Batch mode: folder of <videoid>.mp4 outputs and the resume state."""
-    device: str = "auto"
+    device: Device = Device.auto
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
-    dtype: str = "auto"
+    dtype: DType = DType.auto
     """DiT weight dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp16``, ``fp32``."""
     fp8: bool = False
     """Load the fp8 checkpoint (mp_rank_00_model_states_fp8.pt + _map.pt); weights stay fp8 in memory."""
-    load_key: str = "module"
+    load_key: LoadKey = LoadKey.module
     """State-dict key inside the official .pt (``module`` or ``ema``)."""
     checkpoint_every: int = 5
     """Save the latents of the job in progress every N steps (0: never)."""
+
+
+def plain(cfg) -> dict:
+    """A config dataclass as plain JSON-able data: enums as their strings, nothing interpolated."""
+    import dataclasses
+    from enum import Enum
+
+    def convert(value):
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(dataclasses.asdict(cfg))

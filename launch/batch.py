@@ -13,88 +13,45 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from avatar.config import RunConfig
-from avatar.io.errors import InputError
-from avatar.pipeline.batch import BatchSummary, Row, read_manifest, shard_rows, validate_rows
+from avatar.io.errors import WRITE_ERRNOS, OutputConflict
+from avatar.pipeline.batch import BatchSummary
 from avatar.pipeline.resume import Preempted, job_state
 from avatar.pipeline.state import StateStore, batch_state_dir
+from launch.config import help_text, wants_help
 
 log = logging.getLogger("launch.batch")
 
 SUMMARY_FILE = "batch_summary.json"
 
-
-@dataclass
-class Batch:
-    """The validated rows of this launch's shard as jobs, and the rows skipped as bad."""
-
-    jobs: list = field(default_factory=list)
-    bad: list[tuple[Row, str]] = field(default_factory=list)
-
-
-def row_job(cfg: RunConfig, row: Row):
-    from avatar.pipeline.run import Job
-
-    return Job(
-        image=row.image,
-        audio=row.audio,
-        prompt=row.prompt or cfg.prompt,
-        output=str(Path(cfg.output_dir) / f"{row.videoid}.mp4"),
-        seed=int(row.overrides.get("seed", cfg.seed)),
-        steps=int(row.overrides.get("steps", cfg.sampling.steps)),
-        strategy=row.overrides.get("strategy", cfg.long.strategy),
-        videoid=row.videoid,
-    )
+HELP = help_text(
+    "python -m launch.batch | torchrun --nproc_per_node=N -m launch.batch",
+    "Render every row of a manifest (CSV videoid,image,audio,prompt,fps or JSON Lines) into output_dir/<videoid>.mp4,\n"
+    "models loaded once, rows spread over the data-parallel groups. Every row is validated before any model is\n"
+    "built; a rerun skips finished rows and resumes the one in progress; output_dir/batch_summary.json accounts for\n"
+    "every line of the manifest (done, skipped with reason, failed with reason). The same as launch.generate batch=.",
+    [
+        "python -m launch.batch model=tiny weights=weights/tiny batch=rows.csv output_dir=outputs/batch",
+        "torchrun --nproc_per_node=8 -m launch.batch batch=rows.jsonl output_dir=out parallel.data=4",
+        "python -m launch.batch batch=rows.csv output_dir=out batch.on_error=skip batch.shard_index=0 "
+        "batch.shard_count=4",
+    ],
+)
 
 
-def prepare_batch(cfg: RunConfig) -> Batch:
-    """Read, shard and validate the manifest (raises InputError for bad input with ``batch.on_error=stop``)."""
-    from launch.generate import validate_job
-
-    if not cfg.output_dir:
-        raise InputError(f"batch={cfg.batch.manifest} needs output_dir=DIR (the folder of <videoid>.mp4 outputs)")
-    rows = read_manifest(cfg.batch.manifest)
-    index, count = cfg.batch.shard_index, cfg.batch.shard_count
-    if (index is None) != (count is None):
-        raise InputError("give both batch.shard_index and batch.shard_count, or neither")
-    if count is not None:
-        rows = shard_rows(rows, index, count)
-        log.info("shard %d of %d: %d row(s)", index, count, len(rows))
-    out_dir = Path(cfg.output_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"output_dir={out_dir} cannot be created: {err.strerror}") from None
-    state = StateStore(batch_state_dir(out_dir))
-
-    def check_row(row: Row) -> None:
-        job = row_job(cfg, row)
-        overwrite = cfg.overwrite or _done(state, cfg, job)
-        validate_job(cfg, job, overwrite=overwrite)
-
-    good, bad = validate_rows(rows, cfg.batch.on_error, check_row)
-    return Batch(jobs=[row_job(cfg, row) for row in good], bad=bad)
-
-
-def _done(state: StateStore, cfg: RunConfig, job) -> bool:
+def run_batch(cfg: RunConfig, batch, renderer, job_topo, rows_topo, preemption) -> int:
+    """Render this group's rows of the validated batch (``launch.validate.Validated``); rank 0 gathers the groups'
+    summaries. Returns the exit code (1 if a row failed). ``output_dir`` is created here, after validation."""
     from avatar.pipeline.run import config_dict
 
-    try:
-        key, _ = job_state(config_dict(cfg), job)
-    except OSError:
-        return False
-    return state.is_done(key) and Path(job.output).is_file()
-
-
-def run_batch(cfg: RunConfig, batch: Batch, renderer, job_topo, rows_topo, preemption) -> int:
-    """Render this group's rows; rank 0 gathers the groups' summaries. Returns the exit code (1 if a row failed)."""
-    from avatar.pipeline.run import config_dict
-
+    if job_topo.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    job_topo.barrier()
     state = StateStore(batch_state_dir(cfg.output_dir))
     run_id = job_topo.broadcast_object(uuid.uuid4().hex[:12] if job_topo.is_main else None)
     summary = BatchSummary()
@@ -118,15 +75,26 @@ def run_batch(cfg: RunConfig, batch: Batch, renderer, job_topo, rows_topo, preem
             renderer.render(job, state=state, preemption=preemption)
         except Preempted:
             raise
+        except OutputConflict as err:
+            log.error("%s: %s", job.videoid, err)
+            summary.add_failed(job.videoid, str(err))
+            continue
+        except OSError as err:
+            if err.errno not in WRITE_ERRNOS:
+                log.exception("%s failed", job.videoid)
+            else:
+                log.error("%s: %s", job.videoid, err)
+            summary.add_failed(job.videoid, str(err) if err.errno in WRITE_ERRNOS else f"{type(err).__name__}: {err}")
+            continue
         except Exception as err:  # noqa: BLE001 (a failed row is reported; the batch goes on)
             log.exception("%s failed", job.videoid)
             summary.add_failed(job.videoid, f"{type(err).__name__}: {err}")
             continue
         summary.add_done(job.videoid, job.output, time.perf_counter() - start)
-    return _finish(cfg, summary, job_topo, rows_topo, run_id)
+    return _finish(cfg, summary, job_topo, rows_topo, run_id, batch)
 
 
-def _finish(cfg: RunConfig, summary: BatchSummary, job_topo, rows_topo, run_id: str) -> int:
+def _finish(cfg: RunConfig, summary: BatchSummary, job_topo, rows_topo, run_id: str, batch=None) -> int:
     """Each group's rank 0 writes its part; rank 0 waits for all parts (files, not a collective: a group may finish
     long before another), merges them and writes the summary."""
     from avatar.io.atomic import atomic_write_json
@@ -147,8 +115,24 @@ def _finish(cfg: RunConfig, summary: BatchSummary, job_topo, rows_topo, run_id: 
         merged.skipped += data["skipped"]
         merged.failed += data["failed"]
         path.unlink()
+    if batch is not None and batch.manifest is not None:
+        merged.account(batch.manifest, batch.shard_rows)
     atomic_write_json(Path(cfg.output_dir) / SUMMARY_FILE, json.loads(merged.to_json()))
     text = merged.format()
     log.info("%s\n  summary: %s", text, os.path.join(cfg.output_dir, SUMMARY_FILE))
     print(text, flush=True)
     return 0 if merged.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from launch.run import main as run_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        sys.stdout.write(HELP)
+        return 0
+    return run_main(argv, require_batch=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -292,6 +292,24 @@ def plan_from_argv(argv: list[str]) -> ParallelPlan:
 def main(argv: list[str] | None = None) -> int:
     """``python -m launch.plan world=8 model=hunyuan_avatar``: print the plan and why."""
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        from launch.config import help_text
+
+        sys.stdout.write(
+            help_text(
+                "python -m launch.plan | avatar-plan",
+                "Print the parallel plan (data x cfg x ring x ulysses) for a world size and model, and why each\n"
+                "degree was chosen, without GPUs or a process group. Keys: world=N model=NAME heads=N "
+                "num_tokens=N parallel=PRESET parallel.<axis>=N|auto.",
+                [
+                    "python -m launch.plan world=8 model=hunyuan_avatar",
+                    "python -m launch.plan world=8 model=hunyuan_avatar parallel.data=2",
+                    "python -m launch.plan world=6 heads=24 num_tokens=34",
+                ],
+                contract=False,
+            )
+        )
+        return 0
     try:
         plan = plan_from_argv(argv)
     except InputError as err:

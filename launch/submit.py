@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from avatar.io.errors import EXIT_BAD_INPUT, InputError
-from launch.config import check_choices, register_configs
+from launch.config import help_text, register_configs, wants_help
 from launch.resources import config_dir
 
 log = logging.getLogger("launch.submit")
@@ -29,11 +29,10 @@ register_configs()
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def main(node: DictConfig) -> int:
-    from launch.generate import prepare_jobs, run_from_config
+    from launch.run import prepare_jobs, run_from_config
 
     try:
         cfg = OmegaConf.to_object(node)
-        check_choices(cfg)
         jobs = prepare_jobs(cfg)
     except InputError as err:
         log.error("error: %s", err)
@@ -44,5 +43,22 @@ def main(node: DictConfig) -> int:
     return code
 
 
+HELP = help_text(
+    "python -m launch.submit [-m] [hydra/launcher=...] [key=value ...]",
+    "Hydra's own entry (@hydra.main) for Hydra launchers and sweeps, e.g. one Slurm job per seed with submitit.\n"
+    "Plain Hydra parses this command line: spell out output.path=, audio.path=, batch.manifest=, and quote values\n"
+    "with commas for Hydra (prompt='\"A, B\"'); launch.generate takes them literally instead.",
+    [
+        "python -m launch.submit -m hydra/launcher=avatar_slurm model=tiny weights=weights/tiny "
+        "image=examples/portrait.jpg audio.path=examples/speech_5s.wav 'output.path=outputs/s${seed}.mp4' seed=1,2,3",
+    ],
+)
+
+
 if __name__ == "__main__":
+    import sys
+
+    if wants_help(sys.argv[1:]):
+        sys.stdout.write(HELP)
+        raise SystemExit(0)
     main()

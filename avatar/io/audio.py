@@ -4,20 +4,30 @@ Decoders, in order: soundfile (wav/flac/ogg/mp3 via libsndfile), PyAV (m4a/aac/m
 binary bundled with imageio-ffmpeg. Channels are averaged to mono; the rate is converted with libsoxr's high-quality
 resampler (``soxr``, what the official ``librosa.load(sr=16000)`` uses: its default ``res_type="soxr_hq"``), and the
 length fixed to ``ceil(len · new / orig)`` as librosa does.
+
+Only regular files are opened (a FIFO or device is refused from its ``stat``, never read), always by their absolute
+path through ffmpeg's ``file:`` protocol, so ``file:x.wav`` or ``take:1.wav`` names that file. The decoded length is
+compared with the container's: a corrupt stretch that the decoder skipped (decoded shorter or longer by more than one
+video frame) is refused naming both durations, or with ``audio.allow_damaged=true`` rendered with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
 
 import numpy as np
 
+from avatar.config import FPS
 from avatar.io.errors import InputError
+from avatar.io.validate import check_input_file
+
+log = logging.getLogger(__name__)
 
 #: Video frame rate: audio shorter than one frame cannot drive a video.
-VIDEO_FPS = 25
+VIDEO_FPS = FPS
 
 #: libsoxr quality of the official path (``librosa.load``'s default ``soxr_hq``).
 SOXR_QUALITY = "HQ"
@@ -36,7 +46,7 @@ def _decode_soundfile(path: str) -> tuple[np.ndarray, int]:
 def _decode_pyav(path: str) -> tuple[np.ndarray, int]:
     import av
 
-    with av.open(path) as container:
+    with av.open(_ffmpeg_path(path)) as container:
         if not container.streams.audio:
             raise ValueError("the file has no audio stream")
         stream = container.streams.audio[0]
@@ -58,7 +68,7 @@ def _decode_pyav(path: str) -> tuple[np.ndarray, int]:
 def _decode_ffmpeg(path: str, sample_rate: int) -> tuple[np.ndarray, int]:
     import imageio_ffmpeg
 
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", path, "-vn", "-ac", "1"]
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", _ffmpeg_path(path), "-vn", "-ac", "1"]
     cmd += ["-ar", str(sample_rate), "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"]
     proc = subprocess.run(cmd, capture_output=True, timeout=600)
     if proc.returncode != 0:
@@ -66,6 +76,32 @@ def _decode_ffmpeg(path: str, sample_rate: int) -> tuple[np.ndarray, int]:
         raise ValueError(tail[0])
     data = np.frombuffer(proc.stdout, dtype="<f4").astype(np.float32)
     return data[:, None], int(sample_rate)
+
+
+def _ffmpeg_path(path: str) -> str:
+    return "file:" + os.path.abspath(path)
+
+
+def container_seconds(path: str) -> float | None:
+    """The duration the file's header declares (None when it declares none)."""
+    try:
+        import av
+
+        with av.open(_ffmpeg_path(path)) as container:
+            if container.streams.audio:
+                stream = container.streams.audio[0]
+                if stream.duration is not None and stream.time_base is not None:
+                    return float(stream.duration * stream.time_base)
+            if container.duration is not None:
+                return container.duration / 1_000_000
+    except Exception:  # noqa: BLE001 - no header duration; the decode decides
+        pass
+    try:
+        import soundfile as sf
+
+        return float(sf.info(path).duration)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _decode(path: str, sample_rate: int) -> tuple[np.ndarray, int]:
@@ -102,14 +138,16 @@ def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
 # --- public -------------------------------------------------------------------------------------------------------
 
 
-def load_audio(path, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
+def load_audio(
+    path, sample_rate: int, max_seconds: float | None = None, allow_damaged: bool = False, info: dict | None = None
+) -> np.ndarray:
     """Decode ``path`` to a float32 mono array at ``sample_rate``. Raises InputError naming the file for a missing,
-    unreadable, empty, too short (< 1 video frame) or too long (> ``audio.max_seconds``) input."""
+    unreadable, non-regular, empty, damaged (decoded length ≠ the container's by more than a video frame, unless
+    ``allow_damaged``), too short (< 1 video frame) or too long (> ``audio.max_seconds``) input. ``info`` (a dict)
+    receives ``decoded_seconds``, ``container_seconds`` and ``damaged``."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"audio={path}: file not found; give the path of a wav, flac, mp3 or m4a speech file")
-    if os.path.isdir(path):
-        raise InputError(f"audio={path}: is a directory; give the path of a wav, flac, mp3 or m4a speech file")
+    what = "a wav, flac, mp3 or m4a speech file"
+    check_input_file(path, "audio", what)
     if os.path.getsize(path) == 0:
         raise InputError(f"audio={path}: the file is empty (0 bytes); give a wav, flac, mp3 or m4a speech file")
     try:
@@ -127,6 +165,18 @@ def load_audio(path, sample_rate: int, max_seconds: float | None = None) -> np.n
     if not np.isfinite(wav).all():
         raise InputError(f"audio={path}: contains NaN or infinite samples; re-export it as 16-bit PCM wav")
     seconds = len(wav) / rate
+    declared = container_seconds(path)
+    damaged = declared is not None and abs(declared - seconds) > 1.0 / VIDEO_FPS
+    if info is not None:
+        info.update(decoded_seconds=seconds, container_seconds=declared, damaged=damaged)
+    if damaged:
+        detail = (
+            f"audio={path}: decodes to {seconds:.2f} s but the file declares {declared:.2f} s (a corrupt or "
+            f"truncated stretch)"
+        )
+        if not allow_damaged:
+            raise InputError(f"{detail}; re-export the audio, or pass audio.allow_damaged=true to render what decodes")
+        log.warning("%s; rendering it anyway (audio.allow_damaged=true; report: audio_damaged)", detail)
     if seconds < 1.0 / VIDEO_FPS:
         raise InputError(
             f"audio={path}: {seconds * 1000:.1f} ms is shorter than one video frame "

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from avatar.io.errors import InputError
+from avatar.io.validate import check_input_file
 
 #: Smallest accepted side of the reference image, in pixels.
 MIN_SIDE = 64
@@ -62,10 +63,7 @@ def _to_rgb(image: Image.Image, path: str) -> Image.Image:
 def load_image(path) -> Image.Image:
     """Open ``path`` as an RGB PIL image with its EXIF orientation applied. Raises InputError naming the file."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"image={path}: file not found; give the path of a PNG or JPEG reference image")
-    if os.path.isdir(path):
-        raise InputError(f"image={path}: is a directory; give the path of a PNG or JPEG reference image")
+    check_input_file(path, "image", "a PNG or JPEG reference image")
     try:
         with Image.open(path) as opened:
             opened.load()

@@ -2,34 +2,35 @@
 
 ``VideoWriter`` never leaves a partial file at its target path: frames go to a hidden temporary in the same folder,
 ``close()`` muxes the audio (padded with silence / trimmed to exactly ``frames / fps``) into a second temporary and
-``os.replace``s it onto the target; ``abort()`` (or an exception inside ``with``) kills ffmpeg and removes both.
+publishes it at the target without replacing anything that appeared there meanwhile (``avatar.io.atomic.publish``;
+``replace=True`` replaces atomically); ``abort()`` (or an exception inside ``with``) kills ffmpeg and removes both.
+Every path handed to ffmpeg is absolute and spelled ``file:/abs/path``, so a name like ``take:1.wav`` or ``-x.wav``
+is a file, never a protocol or an option. A write fault (disk full, quota, read-only) is raised as one line naming
+the path.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import secrets
 import subprocess
 import tempfile
 from fractions import Fraction
 
 import numpy as np
 
-from avatar.io.atomic import fsync_path
-from avatar.io.errors import InputError
+from avatar.config import X264Preset
+from avatar.io.atomic import fsync_path, publish, temp_name
+from avatar.io.errors import InputError, WriteError
 
-X264_PRESETS = (
-    "ultrafast",
-    "superfast",
-    "veryfast",
-    "faster",
-    "fast",
-    "medium",
-    "slow",
-    "slower",
-    "veryslow",
-    "placebo",
-)
+#: ffmpeg's words for the write faults it hit, and their errno.
+_FFMPEG_WRITE_FAULTS = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": getattr(errno, "EDQUOT", errno.ENOSPC),
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+    "File too large": errno.EFBIG,
+}
 
 
 def ffmpeg_exe() -> str:
@@ -38,9 +39,16 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _temp_name(path: str, tag: str) -> str:
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
+def ffmpeg_path(path) -> str:
+    """``path`` as ffmpeg must get it: absolute, through the ``file`` protocol (never ``proto:`` or ``-option``)."""
+    return "file:" + os.path.abspath(os.fspath(path))
+
+
+def _write_fault(text: str, path: str) -> WriteError | None:
+    for words, code in _FFMPEG_WRITE_FAULTS.items():
+        if words in text:
+            return WriteError(code, os.strerror(code), path)
+    return None
 
 
 def _stderr_tail(handle, lines: int = 8) -> str:
@@ -75,16 +83,19 @@ class VideoWriter:
         audio_path=None,
         crf: int = 18,
         preset: str = "medium",
+        replace: bool = False,
     ):
         self.path = os.path.abspath(os.fspath(path))
         self.fps = fps
         self.width, self.height = int(width), int(height)
         self.audio_path = os.fspath(audio_path) if audio_path is not None else None
-        self.crf, self.preset = crf, preset
+        self.crf, self.preset = crf, str(preset)
+        self.replace = replace
+        self.published: str | None = None
         if not (isinstance(crf, (int, np.integer)) and not isinstance(crf, bool) and 0 <= crf <= 51):
             raise InputError(f"output.crf={crf!r} is invalid; give an integer from 0 (lossless) to 51")
-        if preset not in X264_PRESETS:
-            raise InputError(f"output.preset={preset!r} is invalid; give one of {', '.join(X264_PRESETS)}")
+        if self.preset not in X264Preset.__members__:
+            raise InputError(f"output.preset={preset!r} is invalid; give one of {', '.join(X264Preset)}")
         if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
             raise ValueError(f"video size {self.width}x{self.height} must be positive and even (yuv420p)")
         if float(fps) <= 0:
@@ -93,17 +104,21 @@ class VideoWriter:
             raise InputError(f"audio={self.audio_path}: file not found (needed to mux the video's sound track)")
         self._frames = 0
         self._state = "open"
-        self._video_tmp = _temp_name(self.path, "video.mp4")
+        self._video_tmp = temp_name(self.path, "video.mp4")
         self._mux_tmp: str | None = None
         self._final: str | None = None
         self._log = tempfile.TemporaryFile()
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
         cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}"]
         cmd += ["-framerate", self._rate_str(), "-i", "pipe:0", "-an"]
-        cmd += ["-c:v", "libx264", "-preset", preset, "-crf", str(int(crf)), "-pix_fmt", "yuv420p"]
-        cmd += ["-r", self._rate_str(), "-movflags", "+faststart", "-f", "mp4", self._video_tmp]
+        cmd += ["-c:v", "libx264", "-preset", self.preset, "-crf", str(int(crf)), "-pix_fmt", "yuv420p"]
+        cmd += ["-r", self._rate_str(), "-movflags", "+faststart", "-f", "mp4", ffmpeg_path(self._video_tmp)]
         try:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
+            # its own session: a SIGTERM/SIGINT sent to our process group (preemption, Ctrl-C) reaches us, and we
+            # checkpoint and stop the encoder ourselves, instead of killing it mid-stream
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True
+            )
         except OSError:
             self._log.close()
             raise
@@ -133,6 +148,9 @@ class VideoWriter:
             self._proc.wait()
             detail = _stderr_tail(self._log)
             self.abort()
+            fault = _write_fault(detail, self._video_tmp)
+            if fault is not None:
+                raise fault from None
             raise RuntimeError(f"ffmpeg stopped while encoding {self.path}: {detail or err}") from err
         self._frames += frames.shape[0]
 
@@ -155,10 +173,14 @@ class VideoWriter:
             self._proc.stdin.close()
             code = self._proc.wait()
             if code != 0:
-                raise RuntimeError(f"ffmpeg failed encoding {self.path} (exit {code}): {_stderr_tail(self._log)}")
+                detail = _stderr_tail(self._log)
+                fault = _write_fault(detail, self._video_tmp)
+                if fault is not None:
+                    raise fault
+                raise RuntimeError(f"ffmpeg failed encoding {self.path} (exit {code}): {detail}")
             self._final = self._video_tmp
             if self.audio_path is not None:
-                self._mux_tmp = _temp_name(self.path, "mux.mp4")
+                self._mux_tmp = temp_name(self.path, "mux.mp4")
                 self._mux(self._mux_tmp)
                 self._final = self._mux_tmp
             fsync_path(self._final)
@@ -167,17 +189,20 @@ class VideoWriter:
             raise
         self._state = "finished"
 
-    def commit(self) -> None:
-        """Rename the finished file onto ``path`` (atomic) and remove the temporaries."""
+    def commit(self) -> str:
+        """Publish the finished file at ``path`` (atomic; never over a file that appeared meanwhile unless
+        ``replace``: then it goes to the conflict sibling, see ``avatar.io.atomic.publish``), remove the temporaries
+        and return where it went (also ``self.published``)."""
         if self._state != "finished":
             raise RuntimeError(f"VideoWriter for {self.path} is {self._state}, not finished")
         try:
-            os.replace(self._final, self.path)
+            self.published = publish(self._final, self.path, replace=self.replace)
         except BaseException:
             self.abort()
             raise
         self._cleanup()
         self._state = "closed"
+        return self.published
 
     def abort(self) -> None:
         """Kill ffmpeg and remove the temporaries; nothing is left at ``path``. Safe to call more than once."""
@@ -220,13 +245,17 @@ class VideoWriter:
     def _mux(self, out: str) -> None:
         duration = float(self._frames / Fraction(self._rate_str()))
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
-        cmd += ["-i", self._video_tmp, "-i", self.audio_path]
+        cmd += ["-i", ffmpeg_path(self._video_tmp), "-i", ffmpeg_path(self.audio_path)]
         cmd += ["-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", "192k"]
         # pad short audio with silence, cut long audio: the file lasts exactly frames / fps
-        cmd += ["-af", "apad", "-t", f"{duration:.6f}", "-shortest", "-movflags", "+faststart", "-f", "mp4", out]
+        cmd += ["-af", "apad", "-t", f"{duration:.6f}", "-shortest", "-movflags", "+faststart", "-f", "mp4"]
+        cmd.append(ffmpeg_path(out))
         proc = subprocess.run(cmd, capture_output=True, timeout=3600)
         if proc.returncode != 0:
             tail = " | ".join(proc.stderr.decode(errors="replace").strip().splitlines()[-8:])
+            fault = _write_fault(tail, out)
+            if fault is not None:
+                raise fault
             raise RuntimeError(f"ffmpeg failed muxing {self.audio_path} into {self.path}: {tail}")
 
     def _cleanup(self) -> None:

@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avatar.config import ModelConfig
+from avatar.config import FPS, OFFICIAL_MOTION_EXP, OFFICIAL_MOTION_POSE, ModelConfig
 from avatar.parallel.base import LocalSequence
 
 #: Motion scalars embedded per sample (each to hidden_size // 4, concatenated to hidden_size).
 NUM_MOTION_SCALARS = 4
 #: Video frames per latent frame that the adapters group audio tokens by; frame 0 is padded this many times minus one.
 AUDIO_FRAMES_PER_LATENT = 4
-#: Default frame rate fed to fps_proj.
-DEFAULT_FPS = 25.0
+#: Frame rate fed to fps_proj (the one frame rate, ``avatar.config.FPS``).
+DEFAULT_FPS = float(FPS)
 NORM_EPS = 1e-6
 
 
@@ -541,8 +541,8 @@ class AvatarDiT(nn.Module):
 
         # 1. Modulation vector.
         vec = self.time_in(t)
-        vec = vec + self._motion(self.motion_exp, motion_exp, cfg.motion_exp, batch, x.device)
-        vec = vec + self._motion(self.motion_pose, motion_pose, cfg.motion_pose, batch, x.device)
+        vec = vec + self._motion(self.motion_exp, motion_exp, OFFICIAL_MOTION_EXP, batch, x.device)
+        vec = vec + self._motion(self.motion_pose, motion_pose, OFFICIAL_MOTION_POSE, batch, x.device)
         fps = torch.full((batch,), DEFAULT_FPS, device=x.device) if fps is None else fps
         vec = vec + self.fps_proj(fps)
         vec = vec + self.vector_in(text_states_2)

@@ -1,208 +1,22 @@
-"""Batch manifests: read, validate every row before any model is built, shard over Slurm array tasks, spread over
-data-parallel groups, and summarise.
-
-Two formats are read:
-
-- the official CSV (``videoid,image,audio,prompt,fps``, usually with a UTF-8 byte-order mark);
-- JSON Lines, one object per line with the same fields plus optional per-row ``seed``, ``steps`` and ``strategy``.
-
-Relative image/audio paths are resolved against the manifest's folder. Line numbers in messages are the physical
-line of the row in the file (the CSV header is line 1).
-"""
+"""Batch rows: validate every row before any model is built, shard over Slurm array tasks, spread over
+data-parallel groups, and summarise (every line of the manifest accounted for). The strict reader is
+``avatar/io/manifest.py``."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
+from avatar.config import OnError
 from avatar.io.errors import InputError
+from avatar.io.manifest import Manifest, Row, read_manifest, row_problem
 
 log = logging.getLogger(__name__)
 
-#: The official model only works at this frame rate (hunyuan_avatar.md §1.3).
-OFFICIAL_FPS = 25
-#: Columns of the official CSV; ``prompt`` and ``fps`` may be missing (default prompt ``""``, fps 25).
-REQUIRED_COLUMNS = ("videoid", "image", "audio")
-OPTIONAL_COLUMNS = ("prompt", "fps")
-#: Per-row settings a JSON Lines manifest may override.
-OVERRIDE_KEYS = ("seed", "steps", "strategy")
-STRATEGIES = ("auto", "shift", "blend", "segments")
-ON_ERROR = ("stop", "skip")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One manifest row. ``error`` holds a problem found while parsing; ``validate_rows`` reports it."""
-
-    videoid: str
-    image: str
-    audio: str
-    prompt: str
-    fps: float
-    line: int
-    overrides: dict = field(default_factory=dict, hash=False)
-    source: str = ""
-    error: str = ""
-
-    @property
-    def where(self) -> str:
-        """``manifest.csv line 4`` for messages."""
-        return f"{self.source} line {self.line}"
-
-
-def read_manifest(path: str | Path) -> list[Row]:
-    """Rows of a CSV or JSON Lines manifest (chosen by the ``.jsonl``/``.json`` suffix, else CSV)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"batch manifest {path} does not exist (give batch=PATH to a .csv or .jsonl file)")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise InputError(f"batch manifest {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if path.suffix.lower() in (".jsonl", ".json"):
-        rows = _read_jsonl(text, path)
-    else:
-        rows = _read_csv(text, path)
-    if not rows:
-        raise InputError(f"batch manifest {path} has no rows")
-    return rows
-
-
-def _resolve(value: str, folder: Path) -> str:
-    value = value.strip()
-    if not value:
-        return ""
-    p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (folder / p).resolve())
-
-
-def _read_csv(text: str, path: Path) -> list[Row]:
-    reader = csv.DictReader(text.splitlines(keepends=True), skipinitialspace=False)
-    header = [name.strip() for name in (reader.fieldnames or [])]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise InputError(
-            f"batch manifest {path} line 1: missing column(s) {', '.join(missing)}; the header must be "
-            f"videoid,image,audio,prompt,fps (got {','.join(header) or 'nothing'})"
-        )
-    reader.fieldnames = header
-    rows = []
-    for record in reader:
-        line = reader.line_num
-        if all(not (v or "").strip() for k, v in record.items() if k is not None):
-            continue
-        error = ""
-        if None in record:
-            error = f"{len(header) + len(record[None])} fields, the header has {len(header)}"
-        fps, fps_error = _parse_fps(record.get("fps"))
-        rows.append(
-            Row(
-                videoid=(record.get("videoid") or "").strip(),
-                image=_resolve(record.get("image") or "", path.parent),
-                audio=_resolve(record.get("audio") or "", path.parent),
-                prompt=(record.get("prompt") or "").strip(),
-                fps=fps,
-                line=line,
-                source=str(path),
-                error=error or fps_error,
-            )
-        )
-    return rows
-
-
-def _parse_fps(value) -> tuple[float, str]:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return float(OFFICIAL_FPS), ""
-    try:
-        return float(value), ""
-    except (TypeError, ValueError):
-        return float("nan"), f"fps {value!r} is not a number (the official model needs 25)"
-
-
-def _read_jsonl(text: str, path: Path) -> list[Row]:
-    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS) | set(OVERRIDE_KEYS)
-    rows = []
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as err:
-            rows.append(_broken_row(path, line, f"not valid JSON ({err.msg} at column {err.colno})"))
-            continue
-        if not isinstance(record, dict):
-            rows.append(_broken_row(path, line, f"expected a JSON object, got {type(record).__name__}"))
-            continue
-        errors = []
-        unknown = sorted(set(record) - known)
-        if unknown:
-            errors.append(
-                f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)} "
-                f"and the per-row overrides {', '.join(OVERRIDE_KEYS)}"
-            )
-        overrides, override_error = _parse_overrides(record)
-        if override_error:
-            errors.append(override_error)
-        fps, fps_error = _parse_fps(record.get("fps"))
-        if fps_error:
-            errors.append(fps_error)
-        rows.append(
-            Row(
-                videoid=str(record.get("videoid", "")).strip(),
-                image=_resolve(str(record.get("image") or ""), path.parent),
-                audio=_resolve(str(record.get("audio") or ""), path.parent),
-                prompt=str(record.get("prompt") or "").strip(),
-                fps=fps,
-                line=line,
-                overrides=overrides,
-                source=str(path),
-                error="; ".join(errors),
-            )
-        )
-    return rows
-
-
-def _broken_row(path: Path, line: int, error: str) -> Row:
-    return Row(videoid="", image="", audio="", prompt="", fps=float("nan"), line=line, source=str(path), error=error)
-
-
-def _parse_overrides(record: dict) -> tuple[dict, str]:
-    overrides = {}
-    for key in ("seed", "steps"):
-        if key in record:
-            value = record[key]
-            if isinstance(value, bool) or not isinstance(value, int):
-                return {}, f"{key} {value!r} must be an integer"
-            if key == "steps" and value < 1:
-                return {}, f"steps {value} must be at least 1"
-            overrides[key] = value
-    if "strategy" in record:
-        if record["strategy"] not in STRATEGIES:
-            return {}, f"strategy {record['strategy']!r} is not valid; choose one of: {', '.join(STRATEGIES)}"
-        overrides["strategy"] = record["strategy"]
-    return overrides, ""
-
-
-def row_problem(row: Row) -> str:
-    """What is wrong with a row on its own (without opening its files), or ``""``."""
-    if row.error:
-        return row.error
-    if not row.videoid:
-        return "videoid is empty"
-    if "/" in row.videoid or "\\" in row.videoid or row.videoid in (".", ".."):
-        return f"videoid {row.videoid!r} must be a plain file name (it names <output_dir>/<videoid>.mp4)"
-    if not row.image:
-        return "image is empty"
-    if not row.audio:
-        return "audio is empty"
-    if row.fps != OFFICIAL_FPS:
-        return f"fps {row.fps:g} is not supported: the official model only works at 25 fps"
-    return ""
+__all__ = ["BatchSummary", "Manifest", "Row", "assign_rows", "read_manifest", "shard_rows", "validate_rows"]
 
 
 def validate_rows(
@@ -211,8 +25,8 @@ def validate_rows(
     """Check every row (parse problems, empty fields, duplicate videoids, fps, then ``check_row``, which raises a
     ``ValueError``/``OSError`` naming the problem with the row's files). Returns ``(good, bad)``; with ``stop`` any
     bad row raises ``InputError`` naming the first one and the number of others."""
-    if on_error not in ON_ERROR:
-        raise InputError(f"batch.on_error={on_error!r} is not valid; choose one of: {', '.join(ON_ERROR)}")
+    if on_error not in OnError.__members__:
+        raise InputError(f"batch.on_error={on_error!r} is not valid; choose one of: {', '.join(OnError)}")
     good, bad = [], []
     first_line: dict[str, int] = {}
     for row in rows:
@@ -262,14 +76,32 @@ def assign_rows(rows: list[Row], num_groups: int) -> list[list[Row]]:
 @dataclass
 class BatchSummary:
     """What a batch did. ``skipped``: not rendered (bad input in skip mode, or already done); ``failed``: rendering
-    raised."""
+    raised. ``lines``: what every line of the manifest was (``Manifest.accounting``) and which rows belong to other
+    shards, so every input line is accounted for."""
 
     done: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
+    lines: dict = field(default_factory=dict)
 
-    def add_done(self, videoid: str, output: str, seconds: float) -> None:
-        self.done.append({"videoid": videoid, "output": str(output), "seconds": round(float(seconds), 3)})
+    def add_done(self, videoid: str, output: str, seconds: float, line: Optional[int] = None) -> None:
+        self.done.append(
+            {"videoid": videoid, "line": line, "output": str(output), "seconds": round(float(seconds), 3)}
+        )
+
+    def account(self, manifest: Manifest, shard_rows: list[Row]) -> None:
+        """Fill in the line of every entry (by videoid), record the manifest's line use and the rows of other
+        shards, and list as failed any row of this shard that has no entry (its group never reported it)."""
+        by_id = {row.videoid: row.line for row in shard_rows if row.videoid}
+        for entry in self.done + self.skipped + self.failed:
+            if entry.get("line") is None and entry.get("videoid") in by_id:
+                entry["line"] = by_id[entry["videoid"]]
+        seen = {entry.get("line") for entry in self.done + self.skipped + self.failed}
+        for row in shard_rows:
+            if row.line not in seen:
+                self.add_failed(row.videoid, f"{row.where}: no result was reported for this row", row.line)
+        mine = {row.line for row in shard_rows}
+        self.lines = {**manifest.accounting(), "other_shards": [row.line for row in manifest if row.line not in mine]}
 
     def add_skipped(self, videoid: str, reason: str, line: Optional[int] = None) -> None:
         self.skipped.append({"videoid": videoid, "line": line, "reason": reason})
@@ -295,6 +127,7 @@ class BatchSummary:
             "done": self.done,
             "skipped": self.skipped,
             "failed": self.failed,
+            "lines": self.lines,
         }
         return json.dumps(data, indent=2, ensure_ascii=False)
 

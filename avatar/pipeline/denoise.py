@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from avatar.config import ModelConfig, SamplingConfig
+from avatar.models.transformer import NUM_MOTION_SCALARS
 from avatar.pipeline import schedule as sched
 from avatar.pipeline import strategies as strat
 from avatar.pipeline.cache import CachePlan, DeepCache
@@ -143,6 +144,8 @@ class GuidedVelocity:
                 text_mask=c.neg_text_mask if negative else c.text_mask,
                 text_states_2=self._input(c.neg_text_pooled if negative else c.text_pooled),
                 audio_feats=self._input(torch.zeros_like(audio) if b == 0 else audio).unsqueeze(0),
+                motion_exp=torch.full((1, NUM_MOTION_SCALARS), float(self.sampling.motion_exp), device=x.device),
+                motion_pose=torch.full((1, NUM_MOTION_SCALARS), float(self.sampling.motion_pose), device=x.device),
             )
             with self._autocast(x.device):
                 if mode == "reuse":

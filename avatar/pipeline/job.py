@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from avatar.config import RunConfig, SamplingConfig
+from avatar.config import FPS, RunConfig, SamplingConfig
 from avatar.pipeline.state import file_sha256
 
 
@@ -38,6 +38,7 @@ class Inputs:
     wav: np.ndarray  # float32 mono at audio.sample_rate
     num_frames: int  # video frames = audio length at fps (rounded to the nearest frame)
     hashes: dict[str, str]
+    audio_check: dict = field(default_factory=dict)  # decoded vs declared seconds, damaged (audio.allow_damaged)
 
 
 @dataclass
@@ -72,17 +73,32 @@ def load_inputs(cfg: RunConfig, image_path: str, audio_path: str) -> Inputs:
     image = load_image(image_path)
     width, height = bucket_size(image.width, image.height, cfg.model.image_size, cfg.model.bucket_multiple)
     image = resize_to_bucket(image, (width, height))
-    wav = load_audio(audio_path, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds)
-    num_frames = max(1, round(len(wav) * cfg.audio.fps / cfg.audio.sample_rate))
+    audio_check: dict = {}
+    wav = load_audio(
+        audio_path,
+        cfg.audio.sample_rate,
+        max_seconds=cfg.audio.max_seconds,
+        allow_damaged=cfg.audio.allow_damaged,
+        info=audio_check,
+    )
+    num_frames = max(1, round(len(wav) * FPS / cfg.audio.sample_rate))
     hashes = {"image": file_sha256(image_path), "audio": file_sha256(audio_path)}
-    return Inputs(image=image, width=width, height=height, wav=wav, num_frames=num_frames, hashes=hashes)
+    return Inputs(
+        image=image,
+        width=width,
+        height=height,
+        wav=wav,
+        num_frames=num_frames,
+        hashes=hashes,
+        audio_check=audio_check,
+    )
 
 
 def config_dict(cfg: RunConfig) -> dict:
-    """The resolved config as plain data."""
-    from omegaconf import OmegaConf
+    """The resolved config as plain data (strings kept literally: a ``${...}`` in a prompt is never resolved)."""
+    from avatar.config import plain
 
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return plain(cfg)
 
 
 def with_steps(sampling: SamplingConfig, steps: int) -> SamplingConfig:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from avatar.config import FPS
 from avatar.pipeline.job import Inputs, Job, config_dict, peak_host_memory_mb
 
 
@@ -32,10 +33,15 @@ def build_report(
         "prompt": job.prompt,
         "strategy": strategy.name,
         "num_frames": inputs.num_frames,
-        "fps": cfg.audio.fps,
-        "duration_seconds": inputs.num_frames / cfg.audio.fps,
+        "fps": FPS,
+        "duration_seconds": inputs.num_frames / FPS,
         "resolution": [inputs.width, inputs.height],
         "face_found": face_found,
+        "audio_damaged": bool(inputs.audio_check.get("damaged", False)),
+        "audio_seconds": {
+            "decoded": inputs.audio_check.get("decoded_seconds"),
+            "declared": inputs.audio_check.get("container_seconds"),
+        },
         "inputs": {
             "image": os.path.abspath(job.image),
             "audio": os.path.abspath(job.audio),

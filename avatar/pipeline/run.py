@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from avatar.config import RunConfig
+from avatar.config import FPS, RunConfig
 from avatar.io.errors import InputError
 from avatar.parallel import comm
 from avatar.pipeline import denoise as dn
@@ -125,7 +125,7 @@ class Renderer:
         cfg, enc = self.cfg, self.encoders()
         h_lat = inputs.height // cfg.model.vae_spatial_ratio
         w_lat = inputs.width // cfg.model.vae_spatial_ratio
-        log.info("audio features: %d frames (%.2f s)", inputs.num_frames, inputs.num_frames / cfg.audio.fps)
+        log.info("audio features: %d frames (%.2f s)", inputs.num_frames, inputs.num_frames / FPS)
         with self.timer("audio_features"):
             audio_feats = enc["audio"].features(inputs.wav, inputs.num_frames, window=cfg.model.audio_window)
         with self.timer("face_mask"):
@@ -212,14 +212,20 @@ class Renderer:
 
         writer = None
         if topo.is_main:
+            from avatar.io.atomic import remove_stale_temps
+
+            for path in (job.output, job.output + ".json"):
+                for stale in remove_stale_temps(path):
+                    log.info("removed %s (left by a killed run)", stale)
             writer = VideoWriter(
                 job.output,
-                cfg.output.fps,
+                FPS,
                 inputs.width,
                 inputs.height,
                 audio_path=job.audio,
                 crf=cfg.output.crf,
                 preset=cfg.output.preset,
+                replace=cfg.overwrite,
             )
         log.info(
             "denoising %d latent frames (%s, %d window(s) per step, %d steps, cache %s) for %s",
@@ -231,7 +237,7 @@ class Renderer:
             job.output,
         )
         seams = None
-        report_path = None
+        conflict = None
         try:
             with comm.counting() as comm_counts, torch.inference_mode():
                 seams = self._denoise_and_decode(job, strategy, noise, velocity, writer, inputs, resume, saved)
@@ -261,28 +267,37 @@ class Renderer:
                 )
                 from avatar.io.atomic import atomic_write_json
 
-                # Report and done mark first, the mp4 last: a kill in between leaves a done mark without its output,
-                # which a rerun renders again (done means done *and* the output exists); never an unrecognised mp4.
-                report_path = job.output + ".json"
-                atomic_write_json(report_path, report)
+                # Done mark first, then the mp4, then its report: a kill before the mp4 leaves a done mark without
+                # its output, which a rerun renders again (done means done *and* the output exists); never an
+                # unrecognised mp4. The mp4 never replaces a file that appeared meanwhile (unless overwrite=true):
+                # ours then goes to the conflict sibling, with its report beside it.
                 if state is not None:
                     state.mark_done(key, {"output": os.path.abspath(job.output), "seconds": report["seconds_total"]})
-                writer.commit()
+                published = writer.commit()
+                if published != writer.path:
+                    from avatar.io.errors import OutputConflict
+
+                    conflict = OutputConflict(job.output, published)
+                    if state is not None:
+                        state.clear(key)
+                report_path = atomic_write_json(published + ".json", report, replace=cfg.overwrite)
+                if report_path != published + ".json":
+                    log.warning("%s.json appeared meanwhile and was kept; the report is at %s", published, report_path)
         except BaseException:
             if writer is not None:
                 writer.abort()
-            if report_path is not None:
-                Path(report_path).unlink(missing_ok=True)  # never a report beside a video it does not describe
             raise
-        if topo.is_main:
+        if topo.is_main and conflict is None:
             log.info(
                 "wrote %s (%d frames, %.1f s) in %.1f s",
                 job.output,
                 inputs.num_frames,
-                inputs.num_frames / cfg.audio.fps,
+                inputs.num_frames / FPS,
                 report["seconds_total"],
             )
         topo.barrier()
+        if conflict is not None:
+            raise conflict
         return report
 
     def _denoise_and_decode(self, job, strategy, noise, velocity, writer, inputs, resume, saved):

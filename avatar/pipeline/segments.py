@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avatar.config import FPS
 from avatar.pipeline.seams import SeamMeter
 from avatar.pipeline.windows import crossfade_weights, latents_for_frames
 
@@ -105,7 +106,7 @@ class SegmentStreamer:
 
         cfg = self.cfg
         rate = cfg.audio.sample_rate
-        per_frame = rate / cfg.audio.fps
+        per_frame = rate / FPS
         first = self.segment_first
         a0, a1 = round(first * per_frame), round((first + len(frames)) * per_frame)
         name = f"segment_{index:04d}"
@@ -115,12 +116,13 @@ class SegmentStreamer:
         try:
             with VideoWriter(
                 str(path),
-                cfg.output.fps,
+                FPS,
                 self.inputs.width,
                 self.inputs.height,
                 audio_path=str(wav),
                 crf=cfg.output.crf,
                 preset=cfg.output.preset,
+                replace=True,  # inside this run's own <output>.segments folder
             ) as seg_writer:
                 seg_writer.write(frames)
         finally:
@@ -131,13 +133,11 @@ class SegmentStreamer:
                 "file": path.name,
                 "first_frame": first,
                 "num_frames": int(len(frames)),
-                "start_seconds": first / cfg.audio.fps,
-                "duration_seconds": len(frames) / cfg.audio.fps,
+                "start_seconds": first / FPS,
+                "duration_seconds": len(frames) / FPS,
             }
         )
-        atomic_write_json(
-            self.folder / "manifest.json", {"fps": cfg.audio.fps, "complete": False, "segments": self.manifest}
-        )
+        atomic_write_json(self.folder / "manifest.json", {"fps": FPS, "complete": False, "segments": self.manifest})
 
     def close(self):
         """All segments done: mark the manifest complete; return the seam report."""
@@ -145,7 +145,5 @@ class SegmentStreamer:
             return None
         from avatar.io.atomic import atomic_write_json
 
-        atomic_write_json(
-            self.folder / "manifest.json", {"fps": self.cfg.audio.fps, "complete": True, "segments": self.manifest}
-        )
+        atomic_write_json(self.folder / "manifest.json", {"fps": FPS, "complete": True, "segments": self.manifest})
         return self.meter.report()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from avatar.config import ModelConfig, RunConfig
+from avatar.config import FPS, ModelConfig, RunConfig
 from avatar.pipeline import windows as win
 
 NAMES = ("shift", "blend", "segments")
@@ -38,7 +38,7 @@ def choose(requested: str, num_frames: int, cfg: RunConfig) -> str:
     audio longer than ``long.auto_segments_seconds``."""
     if requested != "auto":
         return requested
-    seconds = num_frames / cfg.audio.fps
+    seconds = num_frames / FPS
     return "segments" if seconds > cfg.long.auto_segments_seconds else "shift"
 
 

@@ -3,7 +3,10 @@ the output path. Runs `launch.generate.main` in-process (one subprocess case che
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import wave
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 from PIL import Image
 
 from launch import generate
-from tests.e2e.conftest import EXAMPLES, tiny_args
+from tests.e2e.conftest import EXAMPLES, ROOT, tiny_args
 from tests.e2e.conftest import generate as run_generate
 
 
@@ -166,3 +169,225 @@ def test_invalid_parallel_plan(capsys, tmp_path, tiny_weights, built):
     code, errors = _run(capsys, tiny_args(tiny_weights, tmp_path / "o.mp4") + ["parallel.ulysses=2"])
     assert code == 2 and "ulysses" in errors[0] and "world" in errors[0] and "4" in errors[0]
     assert not (tmp_path / "o.mp4").exists()
+
+
+# --- issue 13: every bad input refused before any model, in one line, creating nothing ---------------------------
+
+
+def _one_line(capsys, args, expect, created=()):
+    code = generate.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for word in expect:
+        assert word in errors[0], errors[0]
+    for path in created:
+        assert not path.exists(), path
+    return errors[0]
+
+
+def _manifest(tmp_path, body: bytes, name="rows.csv"):
+    path = tmp_path / name
+    path.write_bytes(b"videoid,image,audio,prompt,fps\n" + body)
+    return path
+
+
+def _batch_args(tiny_weights, manifest, out_dir, *extra):
+    return ["model=tiny", f"weights={tiny_weights}", f"batch={manifest}", f"output_dir={out_dir}", *extra]
+
+
+SEED_TOO_BIG = str(2**64)
+
+BAD_CONFIG = [
+    (["seed=" + SEED_TOO_BIG], ["seed", "2**63"]),
+    (["seed=-1"], ["seed=-1"]),
+    (["long.strategy=zigzag"], ["zigzag", "shift", "segments"]),
+    (["device=tpu"], ["tpu", "cuda"]),
+    (["dtype=int8"], ["int8", "bf16"]),
+    (["output.preset=fastest"], ["fastest", "veryfast"]),
+    (["output.crf=99"], ["output.crf=99", "51"]),
+    (["sampling.motion_exp=-1"], ["sampling.motion_exp"]),
+    (["output.fps=30"], ["output.fps", "25 fps"]),
+    (["model.motion_exp=10"], ["sampling.motion_exp"]),
+    (["sampling.stepz=3"], ["did you mean sampling.steps"]),
+    (["promt=hello"], ["did you mean prompt"]),
+    (["attention.kernel=flash"], ["flash-attn"]),
+    (["model.adapter_after_double=[7]"], ["adapter_after_double", "[7]"]),
+    (["audio.context_seconds=20"], ["audio.context_seconds"]),
+    (["output_dir=somewhere"], ["output_dir", "batch"]),
+    (["just-a-word"], ["just-a-word", "key=value"]),
+]
+
+
+@pytest.mark.parametrize("extra,expect", BAD_CONFIG, ids=[e[0][0][:24] for e in BAD_CONFIG])
+def test_bad_config_values(capsys, tmp_path, tiny_weights, built, extra, expect):
+    out = tmp_path / "o.mp4"
+    _one_line(capsys, tiny_args(tiny_weights, out) + extra, expect, [out])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here")
+def test_device_cuda_without_cuda(capsys, tmp_path, tiny_weights, built):
+    _one_line(capsys, tiny_args(tiny_weights, tmp_path / "o.mp4") + ["device=cuda"], ["device=cuda"])
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize("field", ["image", "audio"])
+def test_fifo_input_is_refused_without_blocking(capsys, tmp_path, tiny_weights, built, field):
+    fifo = tmp_path / f"pipe.{field}"
+    os.mkfifo(fifo)
+    args = [a for a in tiny_args(tiny_weights, tmp_path / "o.mp4") if not a.startswith(f"{field}=")]
+    _one_line(capsys, args + [f"{field}={fifo}"], [str(fifo), "FIFO"])
+
+
+def test_device_file_as_audio(capsys, tmp_path, tiny_weights, built):
+    args = [a for a in tiny_args(tiny_weights, tmp_path / "o.mp4") if not a.startswith("audio=")]
+    _one_line(capsys, args + ["audio=/dev/zero"], ["/dev/zero", "device"])
+
+
+def test_directory_as_image(capsys, tmp_path, tiny_weights, built):
+    _one_line(capsys, tiny_args(tiny_weights, tmp_path / "o.mp4") + [f"image={tmp_path}"], ["directory"])
+
+
+def test_output_whose_temporaries_do_not_fit_the_name_limit(capsys, tmp_path, tiny_weights, built):
+    out = tmp_path / ("n" * 220 + ".mp4")  # fits (224 bytes), its temporaries would not
+    _one_line(capsys, tiny_args(tiny_weights, out), ["too long", "255"], [out])
+
+
+@pytest.mark.parametrize("link", ["same", "hardlink", "symlink"])
+def test_overwrite_never_replaces_an_input(capsys, tmp_path, tiny_weights, built, link):
+    audio = tmp_path / "x.mp4"
+    shutil.copy(EXAMPLES / "speech_5s.wav", audio)
+    before = audio.read_bytes()
+    out = {"same": audio, "hardlink": tmp_path / "h.mp4", "symlink": tmp_path / "s.mp4"}[link]
+    if link == "hardlink":
+        os.link(audio, out)
+    elif link == "symlink":
+        out.symlink_to(audio)
+    args = tiny_args(tiny_weights, out, audio, "overwrite=true")
+    _one_line(capsys, args, ["same file as audio", str(audio)])
+    assert audio.read_bytes() == before
+
+
+def test_audio_with_a_corrupt_middle(capsys, tmp_path, tiny_weights, built):
+    from avatar.io.video import ffmpeg_exe
+
+    mp3 = tmp_path / "speech.mp3"
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-i", str(EXAMPLES / "speech_5s.wav"), "-b:a", "64k", str(mp3)], check=True
+    )
+    data = bytearray(mp3.read_bytes())
+    data[len(data) // 3 : len(data) // 2] = bytes(len(data) // 2 - len(data) // 3)
+    mp3.write_bytes(bytes(data))
+    msg = _one_line(capsys, tiny_args(tiny_weights, tmp_path / "o.mp4", mp3), ["speech.mp3", "declares", "5.0"])
+    assert "allow_damaged" in msg
+    # with audio.allow_damaged=true the same input passes validation (with a warning)
+    from launch.config import compose
+    from launch.validate import validate
+
+    cfg = compose(tiny_args(tiny_weights, tmp_path / "o.mp4", mp3, "audio.allow_damaged=true"))
+    assert len(validate(cfg).jobs) == 1
+
+
+def test_prompt_file_problems(capsys, tmp_path, tiny_weights, built):
+    args = tiny_args(tiny_weights, tmp_path / "o.mp4")
+    _one_line(capsys, args + [f"prompt_file={tmp_path / 'none.txt'}"], ["prompt_file", "none.txt"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    _one_line(capsys, args + [f"prompt_file={empty}"], ["empty"])
+    both = tmp_path / "p.txt"
+    both.write_text("hi")
+    _one_line(capsys, args + [f"prompt_file={both}", "prompt=hello"], ["not both"])
+
+
+BAD_MANIFESTS = [
+    (b'a,img.jpg,a.wav,"unterminated,25\nb,img.jpg,a.wav,fine,25\n', ["line 2", "unterminated quote"]),
+    (b"a,img.jpg,a.wav,has\x00nul,25\n", ["line 2", "0x00"]),
+    (b"a,img.jpg,a.wav,hello\n", ["line 2", "4 fields"]),
+    (b'a,img.jpg,a.wav,"closed"then,25\n', ["line 2", "not valid CSV"]),
+    (b"a,img.jpg,a.wav,\xff\xfe,25\n", ["line 2", "UTF-8"]),
+    (b"a,img.jpg,a.wav,x,30\n", ["line 2", "30", "25 fps"]),
+]
+
+
+@pytest.mark.parametrize("body,expect", BAD_MANIFESTS, ids=["quote", "nul", "fields", "after-quote", "utf8", "fps"])
+def test_bad_manifest_lines_are_named_and_nothing_is_created(capsys, tmp_path, tiny_weights, built, body, expect):
+    shutil.copy(EXAMPLES / "portrait.jpg", tmp_path / "img.jpg")
+    shutil.copy(EXAMPLES / "speech_5s.wav", tmp_path / "a.wav")
+    out_dir = tmp_path / "out"
+    _one_line(capsys, _batch_args(tiny_weights, _manifest(tmp_path, body), out_dir), expect, [out_dir])
+
+
+def test_batch_config_problems(capsys, tmp_path, tiny_weights, built):
+    shutil.copy(EXAMPLES / "portrait.jpg", tmp_path / "img.jpg")
+    shutil.copy(EXAMPLES / "speech_5s.wav", tmp_path / "a.wav")
+    manifest = _manifest(tmp_path, b"a,img.jpg,a.wav,hi,25\n")
+    out_dir = tmp_path / "out"
+    base = ["model=tiny", f"weights={tiny_weights}", f"batch={manifest}"]
+    _one_line(capsys, base, ["output_dir"], [out_dir])
+    _one_line(capsys, base + [f"output_dir={out_dir}", "batch.shard_index=1"], ["shard_count"], [out_dir])
+    _one_line(
+        capsys,
+        base + [f"output_dir={out_dir}", "batch.shard_index=3", "batch.shard_count=2"],
+        ["shard_index=3"],
+        [out_dir],
+    )
+    _one_line(capsys, base + [f"output_dir={out_dir}", f"image={tmp_path / 'img.jpg'}"], ["image"], [out_dir])
+    fifo = tmp_path / "rows_pipe.csv"
+    os.mkfifo(fifo)
+    _one_line(capsys, [*base[:2], f"batch={fifo}", f"output_dir={out_dir}"], ["FIFO"], [out_dir])
+    # a row whose output is another row's input
+    shutil.copy(EXAMPLES / "speech_5s.wav", tmp_path / "b.mp4")
+    out_dir2 = tmp_path / "o2"
+    out_dir2.mkdir()
+    os.link(tmp_path / "b.mp4", out_dir2 / "b.mp4")
+    clash = _manifest(tmp_path, b"a,img.jpg,b.mp4,hi,25\nb,img.jpg,a.wav,hi,25\n", "clash.csv")
+    _one_line(capsys, [*base[:2], f"batch={clash}", f"output_dir={out_dir2}", "overwrite=true"], ["same file"])
+
+
+def test_truncated_weights_file(capsys, tmp_path, tiny_weights, built):
+    from avatar.config import OFFICIAL_DIT_FILE
+
+    copy = tmp_path / "w"
+    shutil.copytree(tiny_weights, copy)
+    dit = copy / OFFICIAL_DIT_FILE
+    dit.write_bytes(dit.read_bytes()[:5000])
+    args = [a for a in tiny_args(tiny_weights, tmp_path / "o.mp4") if not a.startswith("weights=")]
+    _one_line(capsys, args + [f"weights={copy}"], [str(copy), "re-download"])
+
+
+@pytest.mark.parametrize(
+    "module", ["launch.generate", "launch.config", "launch.plan", "launch.batch", "launch.weights"]
+)
+def test_help_of_every_entry_point(capsys, module):
+    import importlib
+
+    main = importlib.import_module(module).main
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "python -m" in text
+    if module in ("launch.generate", "launch.config", "launch.batch"):
+        assert "Config groups" in text and "model: hunyuan_avatar, tiny" in text and "prompt=TEXT" in text
+
+
+@pytest.mark.timeout(60)
+def test_help_of_submit():
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.submit", "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 0 and "Examples" in proc.stdout, proc.stderr
+
+
+def test_values_are_taken_literally(tmp_path):
+    from launch.config import compose
+
+    prompt = 'A woman, smiling, says: "it\'s ${HOME}" — 你好\nsecond line: ${oc.env:HOME}'
+    image = str(tmp_path / "take:1, it's ${x}.jpg")
+    cfg = compose(["model=tiny", f"prompt={prompt}", f"image={image}", "audio=file:x.wav", "output=a:b,c.mp4"])
+    assert (cfg.prompt, cfg.image, cfg.audio.path, cfg.output.path) == (prompt, image, "file:x.wav", "a:b,c.mp4")
+    from avatar.pipeline.job import config_dict
+
+    assert config_dict(cfg)["prompt"] == prompt  # the report's config: never interpolated
+    text = tmp_path / "prompt.txt"
+    text.write_text(prompt + "\n", encoding="utf-8")
+    assert compose(["model=tiny", f"prompt_file={text}"]).prompt == prompt

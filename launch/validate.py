@@ -1,0 +1,294 @@
+"""The one validation: ``validate(cfg, inputs)`` holds every cross-field rule and every check of the inputs that
+needs no model, and runs before anything is built or created, on every rank, for the CLI, batches, ``launch.submit``
+and any Python caller (a server would call it per request).
+
+Order: the config's own rules (seed, steps, encoder settings, model geometry, devices and optional packages, batch
+sharding), the parallel plan for the world size (``ParallelPlan.resolve`` names degrees, world and heads), the jobs'
+files (image and audio decoded, output paths: folder, name length, never one of the run's inputs, existing files),
+then the weights (``avatar.weights.verify``). Every failure is one ``InputError`` line; nothing is written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avatar.config import RunConfig
+from avatar.io.errors import InputError
+from avatar.io.manifest import Manifest, Row
+from launch.plan import ParallelPlan
+
+log = logging.getLogger("launch.validate")
+
+
+@dataclass
+class Validated:
+    """What a validated launch renders: its plan, its jobs and (batches) the rows refused with ``on_error=skip``,
+    the manifest and this shard's rows (every one ends in the summary)."""
+
+    cfg: RunConfig
+    plan: ParallelPlan
+    jobs: list = field(default_factory=list)
+    bad: list[tuple[Row, str]] = field(default_factory=list)
+    manifest: Manifest | None = None
+    shard_rows: list[Row] = field(default_factory=list)
+
+
+def validate(cfg: RunConfig, inputs: list | None = None, world_size: int = 1) -> Validated:
+    """Check ``cfg`` and its jobs for a launch of ``world_size`` ranks; raises ``InputError`` (exit 2) naming the
+    field, file or value and what would be valid. ``inputs``: the ``Job`` list to render (None: the job of
+    ``image=``/``audio=`` or the rows of ``batch=``)."""
+    check_config(cfg)
+    plan = ParallelPlan.resolve(cfg.parallel, world_size, cfg.model.num_heads)
+    if inputs is not None:
+        jobs = list(inputs)
+        check_jobs(cfg, jobs)
+        result = Validated(cfg, plan, jobs)
+    elif cfg.batch.manifest:
+        result = _validate_batch(cfg, plan)
+    else:
+        job = single_job(cfg)
+        check_jobs(cfg, [job])
+        result = Validated(cfg, plan, [job])
+    check_weights(cfg)
+    return result
+
+
+# --- the config on its own ----------------------------------------------------------------------------------------
+
+
+def _positive(name: str, value, allow_zero: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        need = "≥ 0" if allow_zero else "> 0"
+        raise InputError(f"{name}={value!r} is invalid; give a number {need}")
+
+
+def check_config(cfg: RunConfig) -> None:
+    """The rules between fields of the config (no files opened)."""
+    from avatar.io.validate import check_seed, check_steps
+
+    check_seed(cfg.seed)
+    check_steps(cfg.sampling.steps)
+    s, a, m = cfg.sampling, cfg.audio, cfg.model
+    if not (isinstance(cfg.output.crf, int) and 0 <= cfg.output.crf <= 51):
+        raise InputError(f"output.crf={cfg.output.crf!r} is invalid; give an integer from 0 (lossless) to 51")
+    for name in ("motion_exp", "motion_pose", "cfg_scale", "audio_cfg_max", "audio_cfg_min", "joint_cfg_floor"):
+        _positive(f"sampling.{name}", getattr(s, name), allow_zero=True)
+    _positive("sampling.shift", s.shift)
+    if s.joint_cfg_steps < 0:
+        raise InputError(f"sampling.joint_cfg_steps={s.joint_cfg_steps} is invalid; give an integer ≥ 0")
+    _positive("audio.sample_rate", a.sample_rate)
+    _positive("audio.max_seconds", a.max_seconds, allow_none=True)
+    _positive("audio.chunk_seconds", a.chunk_seconds)
+    _positive("audio.context_seconds", a.context_seconds, allow_zero=True)
+    if a.context_seconds * 2 >= a.chunk_seconds:
+        raise InputError(
+            f"audio.context_seconds={a.context_seconds} must be less than half of audio.chunk_seconds="
+            f"{a.chunk_seconds} (each Whisper piece keeps its middle)"
+        )
+    _positive("long.auto_segments_seconds", cfg.long.auto_segments_seconds)
+    if cfg.long.overlap_frames < 0:
+        raise InputError(f"long.overlap_frames={cfg.long.overlap_frames} is invalid; give an integer ≥ 0")
+    if cfg.checkpoint_every < 0:
+        raise InputError(f"checkpoint_every={cfg.checkpoint_every} is invalid; give 0 (never) or a step count")
+    _check_model(m)
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
+    if cfg.attention.kernel == "flash" and importlib.util.find_spec("flash_attn") is None:
+        raise InputError(
+            "attention.kernel=flash needs the flash-attn package; install it or use attention.kernel=sdpa"
+        )
+    if cfg.attention.backend == "xfuser" and importlib.util.find_spec("xfuser") is None:
+        raise InputError(
+            "attention.backend=xfuser needs the xfuser package (pip install .[xdit]); or use attention.backend=native"
+        )
+    if cfg.batch.manifest:
+        if cfg.image or cfg.audio.path:
+            raise InputError(
+                "batch= takes the image and audio of each row from the manifest; drop image=/audio= from the command"
+            )
+        if not cfg.output_dir:
+            raise InputError(f"batch={cfg.batch.manifest} needs output_dir=DIR (the folder of <videoid>.mp4 outputs)")
+        index, count = cfg.batch.shard_index, cfg.batch.shard_count
+        if (index is None) != (count is None):
+            raise InputError("give both batch.shard_index and batch.shard_count, or neither")
+        if count is not None:
+            if count < 1:
+                raise InputError(f"batch.shard_count={count} must be at least 1")
+            if not 0 <= index < count:
+                raise InputError(f"batch.shard_index={index} must be in 0..{count - 1} (batch.shard_count={count})")
+    elif cfg.output_dir:
+        raise InputError("output_dir= is for batches (batch=MANIFEST); for one video give output=PATH.mp4")
+
+
+def _check_model(m) -> None:
+    """The model geometry rules (the DiT would refuse them only once built)."""
+    dim = m.hidden_size
+    if m.num_heads < 1 or dim % m.num_heads or sum(m.rope_axes) != dim // m.num_heads:
+        raise InputError(
+            f"model.hidden_size={dim} / model.num_heads={m.num_heads} must give a head width equal to "
+            f"sum(model.rope_axes)={sum(m.rope_axes)} ({m.rope_axes})"
+        )
+    if dim % 4:
+        raise InputError(f"model.hidden_size={dim} must be divisible by 4 (the motion embedders)")
+    if m.depth_single < 1 or m.depth_double < 0:
+        raise InputError(
+            f"model.depth_single={m.depth_single} must be ≥ 1 and model.depth_double={m.depth_double} ≥ 0"
+        )
+    bad = [i for i in m.adapter_after_double if not 0 <= i < m.depth_double]
+    if bad:
+        raise InputError(
+            f"model.adapter_after_double={m.adapter_after_double}: {bad} are not double-block indices "
+            f"0..{m.depth_double - 1}"
+        )
+    if len(m.patch_size) != 3 or m.patch_size[0] != 1:
+        raise InputError(f"model.patch_size={m.patch_size} must be [1, p, p] (one token frame per latent frame)")
+    if m.image_size <= 0 or m.bucket_multiple <= 0 or m.image_size % m.bucket_multiple:
+        raise InputError(
+            f"model.image_size={m.image_size} must be a positive multiple of model.bucket_multiple={m.bucket_multiple}"
+        )
+
+
+# --- jobs ---------------------------------------------------------------------------------------------------------
+
+
+def single_job(cfg: RunConfig):
+    from avatar.pipeline.job import Job
+
+    missing = [name for name, value in (("image", cfg.image), ("audio", cfg.audio.path)) if not value]
+    if missing:
+        raise InputError(
+            f"missing {' and '.join(missing)}: give image=PATH audio=PATH (or batch=MANIFEST output_dir=DIR)"
+        )
+    return Job(
+        image=cfg.image,
+        audio=cfg.audio.path,
+        prompt=cfg.prompt,
+        output=cfg.output.path,
+        seed=cfg.seed,
+        steps=cfg.sampling.steps,
+        strategy=cfg.long.strategy,
+        videoid=Path(cfg.output.path).stem,
+    )
+
+
+def row_job(cfg: RunConfig, row: Row):
+    from avatar.pipeline.job import Job
+
+    return Job(
+        image=row.image,
+        audio=row.audio,
+        prompt=row.prompt or cfg.prompt,
+        output=str(Path(cfg.output_dir) / f"{row.videoid}.mp4"),
+        seed=int(row.overrides.get("seed", cfg.seed)),
+        steps=int(row.overrides.get("steps", cfg.sampling.steps)),
+        strategy=row.overrides.get("strategy", cfg.long.strategy),
+        videoid=row.videoid,
+    )
+
+
+def run_inputs(cfg: RunConfig, jobs: list) -> dict[str, str]:
+    """``field=path`` label → path of every file this run reads (outputs may never be one of them)."""
+    inputs = {}
+    for job in jobs:
+        inputs[f"image ({job.videoid})" if cfg.batch.manifest else "image"] = job.image
+        inputs[f"audio ({job.videoid})" if cfg.batch.manifest else "audio"] = job.audio
+    if cfg.batch.manifest:
+        inputs["batch"] = cfg.batch.manifest
+    if cfg.prompt_file:
+        inputs["prompt_file"] = cfg.prompt_file
+    return inputs
+
+
+def check_job(cfg: RunConfig, job, inputs: dict, overwrite: bool | None = None) -> None:
+    """Everything about one job that can be checked without a model."""
+    from avatar.io.audio import load_audio
+    from avatar.io.image import load_image
+    from avatar.io.validate import check_output_path, check_seed, check_steps
+
+    check_steps(job.steps)
+    check_seed(job.seed)
+    load_image(job.image)
+    load_audio(
+        job.audio, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds, allow_damaged=cfg.audio.allow_damaged
+    )
+    check_output_path(
+        job.output,
+        cfg.overwrite if overwrite is None else overwrite,
+        inputs=inputs,
+        folder_may_be_missing=bool(cfg.output_dir),
+    )
+
+
+def check_jobs(cfg: RunConfig, jobs: list) -> None:
+    inputs = run_inputs(cfg, jobs)
+    for job in jobs:
+        check_job(cfg, job, inputs)
+
+
+def _validate_batch(cfg: RunConfig, plan: ParallelPlan) -> Validated:
+    from avatar.io.manifest import read_manifest
+    from avatar.pipeline.batch import shard_rows, validate_rows
+    from avatar.pipeline.state import StateStore, batch_state_dir
+
+    out_dir = Path(cfg.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output_dir={out_dir} exists and is not a folder; choose another output_dir")
+    manifest = read_manifest(cfg.batch.manifest)
+    rows = list(manifest)
+    if cfg.batch.shard_count is not None:
+        rows = shard_rows(rows, cfg.batch.shard_index, cfg.batch.shard_count)
+        log.info("shard %d of %d: %d row(s)", cfg.batch.shard_index, cfg.batch.shard_count, len(rows))
+    state = StateStore(batch_state_dir(out_dir))  # read only here: nothing is created before validation passes
+    inputs = run_inputs(cfg, [row_job(cfg, row) for row in manifest if row.image and row.audio])
+
+    def check_row(row: Row) -> None:
+        job = row_job(cfg, row)
+        check_job(cfg, job, inputs, overwrite=cfg.overwrite or batch_row_done(state, cfg, job))
+
+    good, bad = validate_rows(rows, cfg.batch.on_error, check_row)
+    return Validated(cfg, plan, [row_job(cfg, row) for row in good], bad, manifest, rows)
+
+
+def batch_row_done(state, cfg: RunConfig, job) -> bool:
+    """The row finished in an earlier run (its done mark and its output exist)."""
+    from avatar.pipeline.job import config_dict
+    from avatar.pipeline.resume import job_state
+
+    try:
+        key, _ = job_state(config_dict(cfg), job)
+    except OSError:
+        return False
+    return state.is_done(key) and Path(job.output).is_file()
+
+
+# --- weights ------------------------------------------------------------------------------------------------------
+
+
+def check_weights(cfg: RunConfig) -> None:
+    """Every weights component complete and readable (``avatar.weights.verify``), before any model is built."""
+    from avatar.weights.verify import verify_weights
+
+    try:
+        problems = verify_weights(cfg.weights, cfg.model, fp8=cfg.fp8, load_key=cfg.load_key)
+    except Exception as err:  # noqa: BLE001 - an unreadable file is a bad input, in one line
+        detail = " ".join(f"{type(err).__name__}: {err}".split())
+        raise InputError(
+            f"weights={cfg.weights}: a weights file cannot be read ({detail}); it is truncated or corrupt, "
+            f"re-download it (`python -m launch.weights verify {cfg.weights} model={cfg.model.name}` names it)"
+        ) from None
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; … {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise InputError(
+            f"weights={cfg.weights} does not match model={cfg.model.name} ({len(problems)} problem(s): {shown}); "
+            f"run `python -m launch.weights verify {cfg.weights} model={cfg.model.name}` for the full report"
+        )
