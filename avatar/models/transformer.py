@@ -193,6 +193,32 @@ def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
     return q, k, v
 
 
+def token_chunks(num_tokens: int, chunk: int | None) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``chunk`` tokens covering ``num_tokens`` (one range when ``chunk`` is
+    None). Per-token layers (norms, linears, MLPs) run range by range to bound their activations; each token's
+    values are those of the whole-sequence call."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"token chunk must be a positive token count or None, got {chunk}")
+    step = num_tokens if chunk is None else chunk
+    return [(start, min(start + step, num_tokens)) for start in range(0, num_tokens, max(step, 1))]
+
+
+def map_tokens(fn, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """``fn(x)`` for a per-token ``fn`` on ``x`` ``[B, S, ...]``, computed ``chunk`` tokens at a time into one
+    output: only one chunk's intermediates are alive at once."""
+    ranges = token_chunks(x.shape[1], chunk)
+    if len(ranges) <= 1:
+        return fn(x)
+    out = None
+    for start, stop in ranges:
+        part = fn(x[:, start:stop].contiguous())  # contiguous: the kernels of the whole-sequence call
+        if out is None:
+            out = part.new_empty((part.shape[0], x.shape[1], *part.shape[2:]))
+        out[:, start:stop] = part
+        del part
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Text token refiner (txt_in)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -340,6 +366,8 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn_proj = nn.Linear(dim, dim)
         self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.txt_mlp = MLP(dim, mlp_hidden, nn.GELU(approximate="tanh"))
+        self.token_chunk: int | None = None
+        """Image tokens per chunk of the MLP half (None: all at once); set by ``AvatarDiT.set_token_chunk``."""
 
     def forward(self, img, txt, vec, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec).chunk(6, dim=-1)
@@ -362,7 +390,12 @@ class DoubleStreamBlock(nn.Module):
         img_attn, txt_attn = seq.joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, img_key_mask, txt_key_mask)
 
         img = img + gate(self.img_attn_proj(img_attn.flatten(2)), img_gate1)
-        img = img + gate(self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2)), img_gate2)
+        del img_attn, img_q, img_k, img_v
+        img = map_tokens(
+            lambda rows: rows + gate(self.img_mlp(modulate(self.img_norm2(rows), img_shift2, img_scale2)), img_gate2),
+            img,
+            self.token_chunk,
+        )
         txt = txt + gate(self.txt_attn_proj(txt_attn.flatten(2)), txt_gate1)
         txt = txt + gate(self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)), txt_gate2)
         return img, txt
@@ -384,12 +417,26 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(dim, 3)
+        self.token_chunk: int | None = None
+        """Tokens per chunk of ``linear1``/MLP/``linear2`` (None: all at once); set by ``AvatarDiT.set_token_chunk``."""
 
     def forward(self, x, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask):
         shift, scale, gate_values = self.modulation(vec).chunk(3, dim=-1)
-        qkv, mlp_in = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
-            [3 * self.dim, self.mlp_hidden], dim=-1
-        )
+        # linear1 chunk by chunk: q, k, v go to one buffer for the attention; the MLP half goes through the GELU
+        # straight into linear2's input buffer [attention | GELU(mlp_in)], whose first D columns the attention
+        # fills. The full [S, 3D + mlp_hidden] linear1 output, the GELU output and their concat never coexist.
+        qkv = joined = None
+        ranges = token_chunks(x.shape[1], self.token_chunk)
+        for start, stop in ranges:
+            part_qkv, part_mlp = self.linear1(
+                modulate(self.pre_norm(x[:, start:stop].contiguous()), shift, scale)
+            ).split([3 * self.dim, self.mlp_hidden], dim=-1)
+            if qkv is None:
+                qkv = part_qkv.new_empty((x.shape[0], x.shape[1], 3 * self.dim))
+                joined = part_mlp.new_empty((x.shape[0], x.shape[1], self.dim + self.mlp_hidden))
+            qkv[:, start:stop] = part_qkv
+            joined[:, start:stop, self.dim :] = self.mlp_act(part_mlp)
+            del part_qkv, part_mlp
         q, k, v = split_heads(qkv, self.num_heads)
         q = self.q_norm(q).to(v.dtype)
         k = self.k_norm(k).to(v.dtype)
@@ -399,8 +446,18 @@ class SingleStreamBlock(nn.Module):
         img_attn, txt_attn = seq.joint_attention(
             img_q, img_k, v[:, :num_img], q[:, num_img:], k[:, num_img:], v[:, num_img:], img_key_mask, txt_key_mask
         )
-        attn = torch.cat([img_attn, txt_attn], dim=1).flatten(2)
-        return x + gate(self.linear2(torch.cat([attn, self.mlp_act(mlp_in)], dim=-1)), gate_values)
+        del q, k, v, qkv, img_q, img_k
+        joined[:, :num_img, : self.dim] = img_attn.flatten(2)
+        joined[:, num_img:, : self.dim] = txt_attn.flatten(2)
+        del img_attn, txt_attn
+        out = None
+        for start, stop in ranges:
+            part = x[:, start:stop] + gate(self.linear2(joined[:, start:stop].contiguous()), gate_values)
+            if out is None:
+                out = part.new_empty((x.shape[0], x.shape[1], *part.shape[2:]))
+            out[:, start:stop] = part
+            del part
+        return out
 
 
 class FinalLayer(nn.Module):
@@ -499,6 +556,14 @@ class AvatarDiT(nn.Module):
             self.get_submodule(name).to(torch.float32)
         return self
 
+    def set_token_chunk(self, chunk: int | None) -> None:
+        """Run the per-token layers of every block (single blocks' linear1/MLP/linear2, double blocks' image MLP)
+        ``chunk`` tokens at a time (None: the whole local sequence at once). Outputs do not depend on it."""
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"token chunk must be a positive token count or None, got {chunk!r}")
+        for block in [*self.double_blocks, *self.single_blocks]:
+            block.token_chunk = chunk
+
     def set_sequence_parallel(self, seq) -> None:
         """Use ``seq`` (``avatar/parallel/base.py`` interface) at the sequence boundaries."""
         self.seq = seq
@@ -574,6 +639,7 @@ class AvatarDiT(nn.Module):
             img = self.img_in(x.to(dtype))
             ref = self.before_proj(self.ref_in(ref_latents.to(dtype)).to(self.before_proj.weight.dtype))
             img = img + ref.to(img.dtype)
+            del ref
             ref_first = self.img_in(ref_latents[:, :, :1].to(dtype))
             img = torch.cat([ref_first, img], dim=1)
             img = seq.shard_tokens(img, num_seq_frames)
@@ -595,9 +661,11 @@ class AvatarDiT(nn.Module):
                     frames = img.unflatten(1, (num_seq_frames, -1)).to(adapter.to_q.weight.dtype)
                     out = adapter(frame_audio.to(frames.dtype), frames).flatten(1, 2)
                     img = img + (out * token_face_mask).to(img.dtype)
+                    del frames, out
 
             # 7. Single blocks on [img; txt], all but the last (the cache point).
             x_seq = torch.cat([img, txt], dim=1)
+            del img, txt, audio, frame_audio, token_face_mask
             for block in self.single_blocks[:-1]:
                 x_seq = block(x_seq, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask)
 
@@ -608,6 +676,7 @@ class AvatarDiT(nn.Module):
 
         # 8. Output: final layer on the local image tokens, gather, drop the reference frame, unpatchify.
         out = self.final_layer(x_seq[:, :-num_txt], vec)
+        del x_seq
         out = seq.gather_tokens(out, num_seq_frames, tokens_per_frame)[:, tokens_per_frame:]
         velocity = self._unpatchify(out, num_frames, grid_h, grid_w)
         return (velocity, stored) if cache == "store" else velocity
