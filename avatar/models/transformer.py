@@ -203,6 +203,16 @@ def token_chunks(num_tokens: int, chunk: int | None) -> list[tuple[int, int]]:
     return [(start, min(start + step, num_tokens)) for start in range(0, num_tokens, max(step, 1))]
 
 
+def linear_rows(linear: nn.Module, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+    """Output features ``[start, stop)`` of ``linear`` on ``x``: the same products as ``linear(x)[..., start:stop]``
+    without computing the rest. A layer with its own ``forward_rows`` (the fp8 linear) dequantises those rows only."""
+    forward_rows = getattr(linear, "forward_rows", None)
+    if forward_rows is not None:
+        return forward_rows(x, start, stop)
+    bias = None if linear.bias is None else linear.bias[start:stop]
+    return F.linear(x, linear.weight[start:stop], bias)
+
+
 def map_tokens(fn, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """``fn(x)`` for a per-token ``fn`` on ``x`` ``[B, S, ...]``, computed ``chunk`` tokens at a time into one
     output: only one chunk's intermediates are alive at once."""
@@ -422,22 +432,20 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask):
         shift, scale, gate_values = self.modulation(vec).chunk(3, dim=-1)
-        # linear1 chunk by chunk: q, k, v go to one buffer for the attention; the MLP half goes through the GELU
-        # straight into linear2's input buffer [attention | GELU(mlp_in)], whose first D columns the attention
-        # fills. The full [S, 3D + mlp_hidden] linear1 output, the GELU output and their concat never coexist.
-        qkv = joined = None
+        # linear1 in token chunks and in two halves by output features (the same dot products as the whole layer):
+        # first q, k, v into three buffers (so the raw q and k die at their norms), then, after the attention, the
+        # MLP half chunk by chunk straight into linear2. The [S, 3D + mlp_hidden] output, its GELU and their concat
+        # never exist at full length, and nothing of the attention but its output is alive in the MLP half.
         ranges = token_chunks(x.shape[1], self.token_chunk)
+        q = k = v = None
         for start, stop in ranges:
-            part_qkv, part_mlp = self.linear1(
-                modulate(self.pre_norm(x[:, start:stop].contiguous()), shift, scale)
-            ).split([3 * self.dim, self.mlp_hidden], dim=-1)
-            if qkv is None:
-                qkv = part_qkv.new_empty((x.shape[0], x.shape[1], 3 * self.dim))
-                joined = part_mlp.new_empty((x.shape[0], x.shape[1], self.dim + self.mlp_hidden))
-            qkv[:, start:stop] = part_qkv
-            joined[:, start:stop, self.dim :] = self.mlp_act(part_mlp)
-            del part_qkv, part_mlp
-        q, k, v = split_heads(qkv, self.num_heads)
+            part = linear_rows(self.linear1, self._modulated(x, start, stop, shift, scale), 0, 3 * self.dim)
+            if q is None:
+                q, k, v = (part.new_empty((x.shape[0], x.shape[1], self.dim)) for _ in range(3))
+            for buffer, rows in zip((q, k, v), part.chunk(3, dim=-1)):
+                buffer[:, start:stop] = rows
+            del part, rows
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v))
         q = self.q_norm(q).to(v.dtype)
         k = self.k_norm(k).to(v.dtype)
         num_img = x.shape[1] - num_txt
@@ -446,18 +454,24 @@ class SingleStreamBlock(nn.Module):
         img_attn, txt_attn = seq.joint_attention(
             img_q, img_k, v[:, :num_img], q[:, num_img:], k[:, num_img:], v[:, num_img:], img_key_mask, txt_key_mask
         )
-        del q, k, v, qkv, img_q, img_k
-        joined[:, :num_img, : self.dim] = img_attn.flatten(2)
-        joined[:, num_img:, : self.dim] = txt_attn.flatten(2)
-        del img_attn, txt_attn
+        attn = torch.cat([img_attn, txt_attn], dim=1).flatten(2)
+        del q, k, v, img_q, img_k, img_attn, txt_attn
         out = None
         for start, stop in ranges:
-            part = x[:, start:stop] + gate(self.linear2(joined[:, start:stop].contiguous()), gate_values)
+            hidden = self.mlp_act(
+                linear_rows(self.linear1, self._modulated(x, start, stop, shift, scale), 3 * self.dim, None)
+            )
+            part = x[:, start:stop] + gate(self.linear2(torch.cat([attn[:, start:stop], hidden], dim=-1)), gate_values)
+            del hidden
             if out is None:
                 out = part.new_empty((x.shape[0], x.shape[1], *part.shape[2:]))
             out[:, start:stop] = part
             del part
         return out
+
+    def _modulated(self, x, start, stop, shift, scale):
+        """The modulated pre-norm of tokens ``[start, stop)`` (contiguous: the kernels of the whole-sequence call)."""
+        return modulate(self.pre_norm(x[:, start:stop].contiguous()), shift, scale)
 
 
 class FinalLayer(nn.Module):
