@@ -193,6 +193,42 @@ def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
     return q, k, v
 
 
+def token_chunks(num_tokens: int, chunk: int | None) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``chunk`` tokens covering ``num_tokens`` (one range when ``chunk`` is
+    None). Per-token layers (norms, linears, MLPs) run range by range to bound their activations; each token's
+    values are those of the whole-sequence call."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"token chunk must be a positive token count or None, got {chunk}")
+    step = num_tokens if chunk is None else chunk
+    return [(start, min(start + step, num_tokens)) for start in range(0, num_tokens, max(step, 1))]
+
+
+def linear_rows(linear: nn.Module, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+    """Output features ``[start, stop)`` of ``linear`` on ``x``: the same products as ``linear(x)[..., start:stop]``
+    without computing the rest. A layer with its own ``forward_rows`` (the fp8 linear) dequantises those rows only."""
+    forward_rows = getattr(linear, "forward_rows", None)
+    if forward_rows is not None:
+        return forward_rows(x, start, stop)
+    bias = None if linear.bias is None else linear.bias[start:stop]
+    return F.linear(x, linear.weight[start:stop], bias)
+
+
+def map_tokens(fn, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """``fn(x)`` for a per-token ``fn`` on ``x`` ``[B, S, ...]``, computed ``chunk`` tokens at a time into one
+    output: only one chunk's intermediates are alive at once."""
+    ranges = token_chunks(x.shape[1], chunk)
+    if len(ranges) <= 1:
+        return fn(x)
+    out = None
+    for start, stop in ranges:
+        part = fn(x[:, start:stop].contiguous())  # contiguous: the kernels of the whole-sequence call
+        if out is None:
+            out = part.new_empty((part.shape[0], x.shape[1], *part.shape[2:]))
+        out[:, start:stop] = part
+        del part
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Text token refiner (txt_in)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -340,6 +376,8 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn_proj = nn.Linear(dim, dim)
         self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.txt_mlp = MLP(dim, mlp_hidden, nn.GELU(approximate="tanh"))
+        self.token_chunk: int | None = None
+        """Image tokens per chunk of the MLP half (None: all at once); set by ``AvatarDiT.set_token_chunk``."""
 
     def forward(self, img, txt, vec, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec).chunk(6, dim=-1)
@@ -362,7 +400,12 @@ class DoubleStreamBlock(nn.Module):
         img_attn, txt_attn = seq.joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, img_key_mask, txt_key_mask)
 
         img = img + gate(self.img_attn_proj(img_attn.flatten(2)), img_gate1)
-        img = img + gate(self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2)), img_gate2)
+        del img_attn, img_q, img_k, img_v
+        img = map_tokens(
+            lambda rows: rows + gate(self.img_mlp(modulate(self.img_norm2(rows), img_shift2, img_scale2)), img_gate2),
+            img,
+            self.token_chunk,
+        )
         txt = txt + gate(self.txt_attn_proj(txt_attn.flatten(2)), txt_gate1)
         txt = txt + gate(self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)), txt_gate2)
         return img, txt
@@ -384,13 +427,25 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(dim, 3)
+        self.token_chunk: int | None = None
+        """Tokens per chunk of ``linear1``/MLP/``linear2`` (None: all at once); set by ``AvatarDiT.set_token_chunk``."""
 
     def forward(self, x, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask):
         shift, scale, gate_values = self.modulation(vec).chunk(3, dim=-1)
-        qkv, mlp_in = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
-            [3 * self.dim, self.mlp_hidden], dim=-1
-        )
-        q, k, v = split_heads(qkv, self.num_heads)
+        # linear1 in token chunks and in two halves by output features (the same dot products as the whole layer):
+        # first q, k, v into three buffers (so the raw q and k die at their norms), then, after the attention, the
+        # MLP half chunk by chunk straight into linear2. The [S, 3D + mlp_hidden] output, its GELU and their concat
+        # never exist at full length, and nothing of the attention but its output is alive in the MLP half.
+        ranges = token_chunks(x.shape[1], self.token_chunk)
+        q = k = v = None
+        for start, stop in ranges:
+            part = linear_rows(self.linear1, self._modulated(x, start, stop, shift, scale), 0, 3 * self.dim)
+            if q is None:
+                q, k, v = (part.new_empty((x.shape[0], x.shape[1], self.dim)) for _ in range(3))
+            for buffer, rows in zip((q, k, v), part.chunk(3, dim=-1)):
+                buffer[:, start:stop] = rows
+            del part, rows
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v))
         q = self.q_norm(q).to(v.dtype)
         k = self.k_norm(k).to(v.dtype)
         num_img = x.shape[1] - num_txt
@@ -400,7 +455,23 @@ class SingleStreamBlock(nn.Module):
             img_q, img_k, v[:, :num_img], q[:, num_img:], k[:, num_img:], v[:, num_img:], img_key_mask, txt_key_mask
         )
         attn = torch.cat([img_attn, txt_attn], dim=1).flatten(2)
-        return x + gate(self.linear2(torch.cat([attn, self.mlp_act(mlp_in)], dim=-1)), gate_values)
+        del q, k, v, img_q, img_k, img_attn, txt_attn
+        out = None
+        for start, stop in ranges:
+            hidden = self.mlp_act(
+                linear_rows(self.linear1, self._modulated(x, start, stop, shift, scale), 3 * self.dim, None)
+            )
+            part = x[:, start:stop] + gate(self.linear2(torch.cat([attn[:, start:stop], hidden], dim=-1)), gate_values)
+            del hidden
+            if out is None:
+                out = part.new_empty((x.shape[0], x.shape[1], *part.shape[2:]))
+            out[:, start:stop] = part
+            del part
+        return out
+
+    def _modulated(self, x, start, stop, shift, scale):
+        """The modulated pre-norm of tokens ``[start, stop)`` (contiguous: the kernels of the whole-sequence call)."""
+        return modulate(self.pre_norm(x[:, start:stop].contiguous()), shift, scale)
 
 
 class FinalLayer(nn.Module):
@@ -499,6 +570,14 @@ class AvatarDiT(nn.Module):
             self.get_submodule(name).to(torch.float32)
         return self
 
+    def set_token_chunk(self, chunk: int | None) -> None:
+        """Run the per-token layers of every block (single blocks' linear1/MLP/linear2, double blocks' image MLP)
+        ``chunk`` tokens at a time (None: the whole local sequence at once). Outputs do not depend on it."""
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"token chunk must be a positive token count or None, got {chunk!r}")
+        for block in [*self.double_blocks, *self.single_blocks]:
+            block.token_chunk = chunk
+
     def set_sequence_parallel(self, seq) -> None:
         """Use ``seq`` (``avatar/parallel/base.py`` interface) at the sequence boundaries."""
         self.seq = seq
@@ -574,6 +653,7 @@ class AvatarDiT(nn.Module):
             img = self.img_in(x.to(dtype))
             ref = self.before_proj(self.ref_in(ref_latents.to(dtype)).to(self.before_proj.weight.dtype))
             img = img + ref.to(img.dtype)
+            del ref
             ref_first = self.img_in(ref_latents[:, :, :1].to(dtype))
             img = torch.cat([ref_first, img], dim=1)
             img = seq.shard_tokens(img, num_seq_frames)
@@ -595,9 +675,11 @@ class AvatarDiT(nn.Module):
                     frames = img.unflatten(1, (num_seq_frames, -1)).to(adapter.to_q.weight.dtype)
                     out = adapter(frame_audio.to(frames.dtype), frames).flatten(1, 2)
                     img = img + (out * token_face_mask).to(img.dtype)
+                    del frames, out
 
             # 7. Single blocks on [img; txt], all but the last (the cache point).
             x_seq = torch.cat([img, txt], dim=1)
+            del img, txt, audio, frame_audio, token_face_mask
             for block in self.single_blocks[:-1]:
                 x_seq = block(x_seq, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask)
 
@@ -608,6 +690,7 @@ class AvatarDiT(nn.Module):
 
         # 8. Output: final layer on the local image tokens, gather, drop the reference frame, unpatchify.
         out = self.final_layer(x_seq[:, :-num_txt], vec)
+        del x_seq
         out = seq.gather_tokens(out, num_seq_frames, tokens_per_frame)[:, tokens_per_frame:]
         velocity = self._unpatchify(out, num_frames, grid_h, grid_w)
         return (velocity, stored) if cache == "store" else velocity

@@ -52,6 +52,12 @@ class FP8Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
 
+    def forward_rows(self, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+        """Output features ``[start, stop)`` of ``forward(x)``, dequantising only those weight rows."""
+        weight = self.weight[start:stop].to(x.dtype) * self.scale.to(x.dtype)
+        bias = None if self.bias is None else self.bias[start:stop].to(x.dtype)
+        return F.linear(x, weight, bias)
+
 
 def convert_to_fp8(model: nn.Module) -> list[str]:
     """Replace every nn.Linear inside the double/single blocks by an ``FP8Linear``; returns their names."""

@@ -264,3 +264,21 @@ def test_all_official_adapters_load_strictly_into_a_shallower_model_and_extra_on
         assert not torch.equal(loaded(**inputs), before)
     with pytest.raises(ValueError, match="adapter_after_double"):
         AvatarDiT(replace(cfg, adapter_after_double=[-1]))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_chunked_forward_is_bit_identical(dtype):
+    """Chunked linear1/MLP/linear2 (uneven chunks, a chunk per frame, one chunk) == the whole-sequence forward."""
+    torch.manual_seed(0)
+    model = AvatarDiT(tiny_config(), dtype=dtype).eval()
+    inputs = make_inputs(model.cfg, batch=2)
+    whole, whole_cached = model(**inputs, cache="store")
+    for chunk in (16, 40, 1000):
+        model.set_token_chunk(chunk)
+        chunked, chunked_cached = model(**inputs, cache="store")
+        assert torch.equal(chunked, whole), chunk
+        assert torch.equal(chunked_cached.img, whole_cached.img), chunk
+    model.set_token_chunk(None)
+    with pytest.raises(ValueError, match="token chunk"):
+        model.set_token_chunk(0)
