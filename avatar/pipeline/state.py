@@ -45,6 +45,7 @@ NON_SEMANTIC_KEYS = (
     "image",
     "audio.path",
     "device",
+    "serve",
 )
 
 
