@@ -7,7 +7,7 @@ requirements = [
     for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
     if line.split("#")[0].strip()
 ]
-dev = {"pytest", "pytest-timeout", "ruff"}
+dev = {"pytest", "pytest-timeout", "ruff", "httpx", "selenium"}
 runtime = [r for r in requirements if r.split("==")[0] not in dev]
 
 setup(
@@ -20,6 +20,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["avatar", "avatar.*", "launch", "launch.*"]),
     include_package_data=True,
+    package_data={"avatar.serve": ["static/*"]},
     install_requires=runtime,
     extras_require={
         "dev": [r for r in requirements if r.split("==")[0] in dev],
@@ -30,6 +31,7 @@ setup(
             "avatar-generate=launch.generate:main",
             "avatar-weights=launch.weights:main",
             "avatar-plan=launch.plan:main",
+            "avatar-serve=launch.serve:main",
         ]
     },
 )

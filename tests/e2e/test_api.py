@@ -27,9 +27,7 @@ def test_two_calls_on_models_loaded_once_give_the_cli_video(tiny_weights, one_se
     pipe = AvatarPipeline.from_pretrained(tiny_weights, model="tiny", overrides=overrides)
     model, vae = pipe.renderer.model, pipe.renderer.vae
 
-    first = pipe(
-        image=EXAMPLES / "portrait.jpg", audio=one_second_clip, seed=REFERENCE_SEED, steps=REFERENCE_STEPS
-    )
+    first = pipe(image=EXAMPLES / "portrait.jpg", audio=one_second_clip, seed=REFERENCE_SEED, steps=REFERENCE_STEPS)
     saved = first.save(tmp_path / "api.mp4")
     np.testing.assert_array_equal(read_frames(saved), read_frames(cli_reference))
     assert json.loads((tmp_path / "api.mp4.json").read_text())["output"] == saved
