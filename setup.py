@@ -8,7 +8,7 @@ requirements = [
     for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
     if line.split("#")[0].strip()
 ]
-dev = {"pytest", "pytest-timeout", "ruff"}
+dev = {"pytest", "pytest-timeout", "ruff", "httpx", "selenium"}
 
 # Data shipped inside the package: the Hydra config groups (configs/ -> launch/_configs/), the weights manifest
 # (weights/ -> launch/_weights/, manifest and README only) and the Slurm templates (launch/slurm/). launch/resources.py
@@ -36,6 +36,7 @@ setup(
         **{name: ["*.yaml"] for name in config_packages},
         "launch._weights": ["manifest.yaml", "README.md"],
         "launch.slurm": ["*.sbatch", "README.md"],
+        "avatar.serve": ["static/*"],
     },
     include_package_data=False,
     install_requires=runtime,
@@ -49,6 +50,7 @@ setup(
             "avatar-weights=launch.weights:main",
             "avatar-plan=launch.plan:main",
             "avatar-resources=launch.resources:main",
+            "avatar-serve=launch.serve:main",
         ]
     },
 )

@@ -322,6 +322,30 @@ class BatchConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The server (``python -m launch.serve``): where it listens, who may call it, what it accepts, where jobs live."""
+
+    host: str = "127.0.0.1"
+    """Address to bind. Loopback by default; any other address needs ``serve.api_key``."""
+    port: int = 8000
+    """TCP port (0: any free port; the one chosen is written to ``<state_dir>/server.json``)."""
+    api_key: Optional[str] = None
+    """When set, every ``/v1`` request needs ``Authorization: Bearer <api_key>`` (else 401)."""
+    state_dir: str = "outputs/serve"
+    """The SQLite job store, the uploads and the finished videos (kept across restarts)."""
+    max_queue: int = 16
+    """Jobs queued or running at most; a new job beyond it gets 429."""
+    max_image_mb: float = 20.0
+    """Largest accepted image upload, in MiB (413 beyond)."""
+    max_audio_mb: float = 50.0
+    """Largest accepted audio upload, in MiB (413 beyond)."""
+    max_audio_seconds: float = 300.0
+    """Longest accepted audio, in seconds (also bounded by ``audio.max_seconds`` when that is set)."""
+    max_image_side: int = 4096
+    """Largest accepted image width or height, in pixels."""
+
+
+@dataclass
 class RunConfig:
     """The whole run. Top-level fields are the command-line contract."""
 
@@ -333,6 +357,7 @@ class RunConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     image: Optional[str] = None
     """Portrait image path."""

@@ -41,7 +41,9 @@ def job_state(cfg_dict: dict, job) -> tuple[str, dict]:
 class Resume:
     """The resume/preemption side of one render (every rank of the group holds one)."""
 
-    def __init__(self, topo, state, key, strategy: str, preemption, cached_steps, total_steps: int, every: int):
+    def __init__(
+        self, topo, state, key, strategy: str, preemption, cached_steps, total_steps: int, every: int, on_step=None
+    ):
         self.topo = topo
         self.state = state
         self.key = key
@@ -52,6 +54,11 @@ class Resume:
         self.every = every
         self.resumed_from: int | None = None
         self._stop = False
+        self._on_step = on_step if topo.is_main else None
+
+    def _progress(self, done: int) -> None:
+        if self._on_step is not None:
+            self._on_step(done, self.total)
 
     # --- the agreed stop --------------------------------------------------------------------------------------------
 
@@ -88,6 +95,7 @@ class Resume:
 
     def on_step(self, step: int, latents: torch.Tensor) -> None:
         done = step + 1
+        self._progress(done)
         stop = self.stop_requested()
         if not self._checkpoint_due(done, stop):
             return
@@ -131,6 +139,7 @@ class Resume:
 
     def on_round_step(self, step: int, mine: dict[int, torch.Tensor]) -> None:
         done = step + 1
+        self._progress(done)
         stop = self.stop_requested()
         if not self._checkpoint_due(done, stop):
             return

@@ -166,12 +166,14 @@ class Renderer:
 
     # --- the whole job -----------------------------------------------------------------------------------------------
 
-    def render(self, job: Job, state=None, preemption=None) -> dict:
+    def render(self, job: Job, state=None, preemption=None, on_step=None, frames: list | None = None) -> dict:
         """Render one job to ``job.output`` (the group's rank 0 writes). Returns the run report (rank 0) or {}.
 
         ``state``: a ``StateStore`` for resume (step checkpoints, finished segments, done marks). ``preemption``:
         a ``PreemptionHandler``; once any rank of the group has received its signal, every rank finishes the current
-        step, rank 0 saves a checkpoint, and ``Preempted`` is raised on every rank."""
+        step, rank 0 saves a checkpoint, and ``Preempted`` is raised on every rank. ``on_step(done, total)``: called
+        on the group's rank 0 after every denoising step (the server's progress). ``frames``: a list that rank 0
+        fills with the uint8 ``[n, H, W, 3]`` chunks it writes into the video (the Python API's result)."""
         cfg, topo = self.cfg, self.topo
         start = time.perf_counter()
         self.timer = StageTimer()
@@ -206,7 +208,7 @@ class Renderer:
         key = job_state(config_dict(cfg), job)[0] if state is not None else None
         cached_steps = CachePlan.for_steps(sampling.steps, sampling.cache).reuse_steps
         resume = Resume(
-            topo, state, key, strategy.name, preemption, cached_steps, sampling.steps, cfg.checkpoint_every
+            topo, state, key, strategy.name, preemption, cached_steps, sampling.steps, cfg.checkpoint_every, on_step
         )
         from avatar.io.video import VideoWriter
 
@@ -227,6 +229,8 @@ class Renderer:
                 preset=cfg.output.preset,
                 replace=cfg.overwrite,
             )
+            if frames is not None:
+                writer = _KeepFrames(writer, frames)
         log.info(
             "denoising %d latent frames (%s, %d window(s) per step, %d steps, cache %s) for %s",
             strategy.domain,
@@ -436,6 +440,20 @@ class Renderer:
         from avatar.io.atomic import atomic_torch_save
 
         atomic_torch_save(tensors, job.output + ".intermediates.pt")
+
+
+class _KeepFrames:
+    """A ``VideoWriter`` that also keeps every chunk written (``Renderer.render(frames=...)``)."""
+
+    def __init__(self, writer, frames: list) -> None:
+        self.writer, self.frames = writer, frames
+
+    def write(self, chunk) -> None:
+        self.writer.write(chunk)
+        self.frames.append(chunk if chunk.ndim == 4 else chunk[None])
+
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
 
 
 __all__ = ["Job", "Inputs", "Renderer", "load_inputs", "config_dict", "InputError", "peak_host_memory_mb"]

@@ -46,6 +46,7 @@ NON_SEMANTIC_KEYS = (
     "image",
     "audio.path",
     "device",
+    "serve",
 )
 
 

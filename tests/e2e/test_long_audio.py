@@ -26,7 +26,9 @@ def long_audio(tmp_path_factory):
 
 
 def _render(weights, out, audio, *extra, nproc=1):
-    result = generate(*tiny_args(weights, out, audio, "sampling.steps=2", "model.image_size=64", *extra), nproc=nproc, timeout=580)
+    result = generate(
+        *tiny_args(weights, out, audio, "sampling.steps=2", "model.image_size=64", *extra), nproc=nproc, timeout=580
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.with_name(out.name + ".json").read_text())
 

@@ -15,7 +15,11 @@ STEPS, CACHED = 20, 5
 
 
 def _render(weights, out, *extra, nproc=1) -> dict:
-    result = generate(*tiny_args(weights, out, None, f"sampling.steps={STEPS}", "model.image_size=64", *extra), nproc=nproc, timeout=500)
+    result = generate(
+        *tiny_args(weights, out, None, f"sampling.steps={STEPS}", "model.image_size=64", *extra),
+        nproc=nproc,
+        timeout=500,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.with_name(out.name + ".json").read_text())
 

@@ -1,0 +1,52 @@
+"""``AvatarPipeline`` from a plain Python process (this one, no torchrun): the models load once and serve two calls,
+one from paths and one from a PIL image and a sample array; both give the command line's video for the same seed;
+bad input is refused with the command line's message before anything renders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.e2e.conftest import EXAMPLES, FRONTEND_SETTINGS, REFERENCE_SEED, REFERENCE_STEPS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(300)
+def test_two_calls_on_models_loaded_once_give_the_cli_video(tiny_weights, one_second_clip, cli_reference, tmp_path):
+    from PIL import Image
+
+    from avatar import AvatarPipeline
+    from avatar.io.errors import InputError
+    from avatar.io.video import read_frames
+
+    overrides = [s for s in FRONTEND_SETTINGS if not s.startswith("model=")]
+    pipe = AvatarPipeline.from_pretrained(tiny_weights, model="tiny", overrides=overrides)
+    model, vae = pipe.renderer.model, pipe.renderer.vae
+
+    first = pipe(image=EXAMPLES / "portrait.jpg", audio=one_second_clip, seed=REFERENCE_SEED, steps=REFERENCE_STEPS)
+    saved = first.save(tmp_path / "api.mp4")
+    np.testing.assert_array_equal(read_frames(saved), read_frames(cli_reference))
+    assert json.loads((tmp_path / "api.mp4.json").read_text())["output"] == saved
+    assert first.frames.dtype == np.uint8 and first.frames.shape == (25, 64, 64, 3)
+    assert first.fps == 25 and first.sample_rate == 16000 and abs(len(first.audio) - 16000) <= 1
+    assert "load_encoders" in first.report["timings_seconds"]
+
+    wav, rate = sf.read(str(one_second_clip), dtype="float32")
+    with Image.open(EXAMPLES / "portrait.jpg") as image:
+        second = pipe(image=image.copy(), audio=(wav, rate), seed=REFERENCE_SEED, steps=REFERENCE_STEPS)
+    np.testing.assert_array_equal(second.frames, first.frames)
+    # the same modules served both calls; the encoders were loaded by the first call only
+    assert pipe.renderer.model is model and pipe.renderer.vae is vae
+    assert "load_encoders" not in second.report["timings_seconds"]
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture\n")
+    with pytest.raises(InputError, match=r"image=.*notes\.txt: not a readable image"):
+        pipe(image=text, audio=one_second_clip)
+    with pytest.raises(InputError, match=r"audio: samples must be float or int16"):
+        pipe(image=EXAMPLES / "portrait.jpg", audio=(np.zeros((2, 2, 2)), 16000))
+    pipe.close()
