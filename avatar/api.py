@@ -52,7 +52,10 @@ def _overrides(options: dict, prefix: str = "") -> list[str]:
         elif isinstance(value, (list, tuple)):
             out.append(f"{dotted}=[{','.join(_quote(v) if isinstance(v, str) else repr(v) for v in value)}]")
         else:
-            out.append(f"{dotted}={_quote(os.fspath(value) if isinstance(value, Path) else str(value))}")
+            from launch.config import LITERAL_KEYS
+
+            text = os.fspath(value) if isinstance(value, Path) else str(value)
+            out.append(f"{dotted}={text if dotted in LITERAL_KEYS else _quote(text)}")
     return out
 
 
@@ -104,13 +107,14 @@ class AvatarPipeline:
 
         from launch.config import compose
         from launch.dist import init_distributed, read_env
-        from launch.generate import validate_weights
         from launch.topology import build_topology, resolve_plan
+        from launch.validate import check_config, check_weights
 
-        argv = [f"model={model}", f"weights={_quote(os.fspath(weights))}", *overrides, *_overrides(options)]
+        argv = [f"model={model}", f"weights={os.fspath(weights)}", *overrides, *_overrides(options)]
         cfg = compose(argv)
+        check_config(cfg)
         resolve_plan(cfg, read_env()[1])
-        validate_weights(cfg)
+        check_weights(cfg)
         had_group = dist.is_available() and dist.is_initialized()
         env = init_distributed(cfg.device)
         job_topo, _ = build_topology(cfg, env)
@@ -132,15 +136,15 @@ class AvatarPipeline:
         ``[H, W, 4]``); ``audio``: a path or ``(samples, sample_rate)`` (float or int16, mono ``[n]`` or
         ``[n, channels]``). ``None`` takes the config's prompt, seed, steps and long-audio strategy. Raises InputError
         (the command line's message) before anything renders. Rank 0 gets the result, other ranks None."""
-        from launch.config import CHOICES
-        from launch.generate import validate_job
+        from avatar.config import FPS, Strategy
+        from launch.validate import check_job as validate_job
 
         cfg = self.cfg
         strategy = cfg.long.strategy if strategy is None else strategy
-        if strategy not in CHOICES["long.strategy"]:
-            raise InputError(
-                f"strategy={strategy!r} is not valid; choose one of: {', '.join(CHOICES['long.strategy'])}"
-            )
+        choices = [s.value for s in Strategy]
+        if str(strategy) not in choices:
+            raise InputError(f"strategy={strategy!r} is not valid; choose one of: {', '.join(choices)}")
+        strategy = Strategy(str(strategy))
         folder = tempfile.TemporaryDirectory(prefix="avatar-api-")
         try:
             from avatar.pipeline.job import Job
@@ -155,7 +159,7 @@ class AvatarPipeline:
                 strategy=strategy,
                 videoid="api",
             )
-            validate_job(cfg, job, overwrite=False)
+            validate_job(cfg, job, {"image": job.image, "audio": job.audio}, overwrite=False)
             frames: list = []
             report = self.renderer.render(job, frames=frames if self.topo.is_main else None)
             if not self.topo.is_main:
@@ -168,7 +172,7 @@ class AvatarPipeline:
                 frames=np.concatenate(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8),
                 audio=wav,
                 sample_rate=cfg.audio.sample_rate,
-                fps=cfg.output.fps,
+                fps=FPS,
                 report=report,
                 _video=Path(job.output),
                 _folder=folder,

@@ -35,8 +35,8 @@ def prepare(argv: list[str] | None) -> RunConfig:
     """Compose and check everything that needs no model; raises InputError."""
     from avatar.serve.app import check_serve
     from launch.dist import read_env
-    from launch.generate import validate_weights
     from launch.topology import resolve_plan
+    from launch.validate import check_weights as validate_weights
 
     cfg = compose(argv)
     check_serve(cfg)

@@ -7,7 +7,7 @@
     GET  /healthz                 liveness and readiness (models loaded), queue length
     GET  /                        the web page (upload, progress, playback)
 
-Uploads are checked with the command line's own validation (``launch.generate.validate_job``: the same one-line
+Uploads are checked with the command line's own validation (``launch.validate.check_job``: the same one-line
 messages, with the client's file name in place of the stored path) before the job is queued: 400 for bad input,
 413 for an upload over ``serve.max_image_mb`` / ``serve.max_audio_mb`` (or a body over their sum), 411 without a
 length, 429 when ``serve.max_queue`` jobs are already waiting. Files are stored under names the server chooses;
@@ -76,7 +76,7 @@ def _int_field(name: str, value, default: int) -> int:
 def accept_job(cfg: RunConfig, store: JobStore, form) -> str:
     """Validate one ``POST /v1/videos`` form (a starlette ``FormData``), store its files and queue the job.
     Returns the job id; raises ``HTTPProblem``."""
-    from launch.generate import validate_job
+    from launch.validate import check_job as validate_job
 
     serve = cfg.serve
     unknown = sorted(set(form.keys()) - set(FIELDS))
@@ -167,7 +167,7 @@ def _validate_files(cfg: RunConfig, folder: Path, names: dict, steps: int, job_i
             "(serve.max_image_side)",
         )
     try:
-        validate_job(capped, job, overwrite=False)
+        validate_job(capped, job, {"image": job.image, "audio": job.audio}, overwrite=False)
     except InputError as err:
         message = str(err).replace(job.image, names["image"]).replace(job.audio, names["audio"])
         if cfg.audio.max_seconds is None or cfg.serve.max_audio_seconds < cfg.audio.max_seconds:
