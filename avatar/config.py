@@ -54,6 +54,34 @@ class Kernel(StrEnum):
     flash = "flash"
 
 
+class MemoryMode(StrEnum):
+    """``memory.mode``: how the DiT and the encoders are placed on the GPUs (``auto``: the cheapest that fits, in
+    this order)."""
+
+    auto = "auto"
+    none = "none"
+    fsdp = "fsdp"
+    fp8 = "fp8"
+    fsdp_fp8 = "fsdp_fp8"
+    offload = "offload"
+    low = "low"
+
+
+class Shard(StrEnum):
+    """``memory.shard``: ``fsdp`` shards the DiT blocks (FSDP2) over the ranks of one video."""
+
+    none = "none"
+    fsdp = "fsdp"
+
+
+class Offload(StrEnum):
+    """``memory.offload``: ``blocks`` streams DiT blocks from host memory; ``model`` moves whole modules in and out."""
+
+    none = "none"
+    blocks = "blocks"
+    model = "model"
+
+
 class OnError(StrEnum):
     stop = "stop"
     skip = "skip"
@@ -296,6 +324,22 @@ class AttentionConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """Memory placement (``memory=auto|none|fsdp|fp8|fsdp_fp8|offload|low`` picks a preset of ``configs/memory``)."""
+
+    mode: MemoryMode = MemoryMode.auto
+    """What ``auto`` resolves to, or the mode asked for; ``shard``/``offload`` below override its parts."""
+    shard: Optional[Shard] = None
+    """``fsdp`` or ``none``; unset: from ``mode``."""
+    offload: Optional[Offload] = None
+    """``blocks``, ``model`` or ``none``; unset: from ``mode``."""
+    gpu_memory_gb: Optional[float] = None
+    """Plan for this much free memory per GPU (GB, 10^9 bytes) instead of asking the device."""
+    token_chunk: int = 8192
+    """Tokens per chunk of the single blocks' linear1/MLP/linear2 (exact; 0: no chunking)."""
+
+
+@dataclass
 class OutputConfig:
     """Where and how the video is written."""
 
@@ -356,6 +400,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
@@ -383,6 +428,11 @@ class RunConfig:
     """DiT weight dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp16``, ``fp32``."""
     fp8: bool = False
     """Load the fp8 checkpoint (mp_rank_00_model_states_fp8.pt + _map.pt); weights stay fp8 in memory."""
+    fp8_compute: bool = False
+    """With ``fp8``: run the fp8 linears as scaled fp8 matmuls on GPUs with fp8 tensor cores (default: dequantise
+    each weight to the compute dtype per call, as the official code does)."""
+    compile: bool = False
+    """Regional ``torch.compile`` of the transformer blocks (one compiled block reused by all)."""
     load_key: LoadKey = LoadKey.module
     """State-dict key inside the official .pt (``module`` or ``ema``)."""
     checkpoint_every: int = 5

@@ -1,4 +1,4 @@
-"""Weights tools (also installed as ``avatar-weights``).
+"""Weights tools: python -m launch.weights COMMAND ... (also installed as ``avatar-weights``).
 
 avatar-weights download DIR [--variant bf16|fp8] [--components dit,vae,llava,clip,whisper,face_detector]
     the official checkpoint from Hugging Face (tencent/HunyuanVideo-Avatar), only the files our layout reads;
