@@ -157,6 +157,7 @@ def init_distributed(device: str = "auto", timeout: timedelta | float | None = N
     """Read the launcher's environment and, for a world of more than one process, initialise the default process
     group. ``timeout`` (a timedelta or seconds) bounds every collective."""
     rank, world_size, local_rank, local_world_size = read_env()
+    install_memory_provider()
     resolved = resolve_device(device, local_rank)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
@@ -176,6 +177,24 @@ def init_distributed(device: str = "auto", timeout: timedelta | float | None = N
         )
         logger.info("process group: %s, world %d, device %s", backend, world_size, resolved)
     return env
+
+
+#: Free GB the device-memory provider reports on every device (``avatar/memory/device.py``): lets a CPU run (tests)
+#: or a dry run see a GPU of that size in the pre-flight.
+MEMORY_PROVIDER_ENV = "AVATAR_DEVICE_FREE_GB"
+
+
+def install_memory_provider() -> None:
+    """Set the pre-flight's device-memory provider from ``AVATAR_DEVICE_FREE_GB`` when it is set."""
+    value = os.environ.get(MEMORY_PROVIDER_ENV)
+    if value in (None, ""):
+        return
+    from avatar.memory.device import fixed_provider, set_provider
+
+    try:
+        set_provider(fixed_provider(float(value)))
+    except ValueError as err:
+        raise ValueError(f"environment variable {MEMORY_PROVIDER_ENV}={value!r} is not a number of GB") from err
 
 
 def destroy() -> None:

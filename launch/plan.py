@@ -289,6 +289,81 @@ def plan_from_argv(argv: list[str]) -> ParallelPlan:
     return ParallelPlan.resolve(parallel, world, heads, num_tokens)
 
 
+# --- CLI: the memory plan (``gpu_memory=GB image_size=PX seconds=S [size=WxH] [memory=MODE]``) -----------------------
+
+#: The memory keys of ``python -m launch.plan``; the others are the parallel plan's.
+MEMORY_KEYS = ("gpu_memory", "image_size", "seconds", "size", "memory", "fp8", "token_chunk")
+
+
+def split_memory_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``argv`` without the memory keys, and those keys' values."""
+    rest, memory = [], {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.strip() in MEMORY_KEYS:
+            memory[key.strip()] = value.strip()
+        else:
+            rest.append(arg)
+    return rest, memory
+
+
+def memory_lines(plan: ParallelPlan, argv: list[str], options: dict[str, str]) -> list[str]:
+    """The ``memory:`` and ``peak per rank:`` lines for ``plan``; raises InputError (exit 2) when no mode fits."""
+    from dataclasses import replace
+
+    from avatar.config import MemoryConfig, MemoryMode
+    from avatar.memory import plan as memory_plan
+    from avatar.memory.measure import MeasureCache, default_cache_dir
+
+    model_name = next((a.partition("=")[2].strip() for a in argv if a.partition("=")[0].strip() == "model"), None)
+    model = _model_config(model_name or "hunyuan_avatar")
+    try:
+        if "image_size" in options:
+            model = replace(model, image_size=int(options["image_size"]))
+        seconds = float(options.get("seconds", model.window_frames / 25))
+        gpu_bytes = int(float(options["gpu_memory"]) * 10**9) if "gpu_memory" in options else None
+        size = None
+        if "size" in options:
+            width, _, height = options["size"].lower().partition("x")
+            size = (int(width), int(height))
+        token_chunk = int(options.get("token_chunk", MemoryConfig.token_chunk))
+    except ValueError as err:
+        raise InputError(
+            f"gpu_memory and seconds must be numbers, image_size and token_chunk integers, size WxH ({err})"
+        ) from err
+    if seconds <= 0 or (gpu_bytes is not None and gpu_bytes <= 0) or model.image_size <= 0:
+        raise InputError("gpu_memory, image_size and seconds must be positive")
+    mode = options.get("memory", "auto")
+    try:
+        memory = MemoryConfig(mode=MemoryMode(mode), token_chunk=token_chunk)
+    except ValueError as err:
+        valid = ", ".join(m.value for m in MemoryMode)
+        raise InputError(f"memory={mode!r} is not valid: use one of {valid}") from err
+    fp8 = options.get("fp8", "false").lower() in ("1", "true", "yes")
+    heads = plan.num_heads or model.num_heads
+
+    def widen(world: int) -> ParallelPlan:
+        return ParallelPlan.resolve(ParallelConfig(), world, heads)
+
+    geometry = memory_plan.planning_geometry(model, seconds, size)
+    chosen = memory_plan.resolve(
+        memory, plan, model, geometry, gpu_bytes, widen=widen, fp8=fp8, cache=MeasureCache(default_cache_dir())
+    )
+    return [f"video {geometry.describe()}", *chosen.lines()]
+
+
+def _model_config(name: str) -> ModelConfig:
+    """``configs/model/<name>.yaml`` over ModelConfig's defaults."""
+    path = CONFIG_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        model_num_heads(name)  # the "known models" error
+        return ModelConfig(name=name)
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    return ModelConfig(**values)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m launch.plan world=8 model=hunyuan_avatar``: print the plan and why."""
     argv = sys.argv[1:] if argv is None else argv
@@ -300,23 +375,30 @@ def main(argv: list[str] | None = None) -> int:
                 "python -m launch.plan | avatar-plan",
                 "Print the parallel plan (data x cfg x ring x ulysses) for a world size and model, and why each\n"
                 "degree was chosen, without GPUs or a process group. Keys: world=N model=NAME heads=N "
-                "num_tokens=N parallel=PRESET parallel.<axis>=N|auto.",
+                "num_tokens=N parallel=PRESET parallel.<axis>=N|auto.\n"
+                "Then the memory plan (docs/memory.md): the mode memory=auto picks and the peak per rank by stage, for\n"
+                "gpu_memory=GB (10^9 bytes; absent: no GPU to fit) image_size=PX seconds=S [size=WxH] [memory=MODE]\n"
+                "[fp8=true] [token_chunk=N]; exit 2 with the reason when no mode fits.",
                 [
                     "python -m launch.plan world=8 model=hunyuan_avatar",
                     "python -m launch.plan world=8 model=hunyuan_avatar parallel.data=2",
                     "python -m launch.plan world=6 heads=24 num_tokens=34",
+                    "python -m launch.plan world=1 model=hunyuan_avatar gpu_memory=24 image_size=704 seconds=5",
                 ],
                 contract=False,
             )
         )
         return 0
+    argv, memory_options = split_memory_args(argv)
     try:
         plan = plan_from_argv(argv)
+        extra = memory_lines(plan, argv, memory_options)
     except InputError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
     lines = [plan.describe(), f"heads {plan.num_heads}, sequence-parallel ranks {plan.sequence_size}"]
     lines += [f"  {reason}" for reason in plan.reasons]
+    lines += extra
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -50,15 +50,17 @@ def run_from_config(cfg: RunConfig, validated: Validated) -> int:
         from launch.topology import build_topology
 
         job_topo, rows_topo = build_topology(cfg, env)
+        from avatar.memory.plan import jobs_geometry
         from avatar.pipeline.run import Renderer
 
+        geometry = jobs_geometry(cfg.model, validated.jobs)
         try:
             if cfg.batch.manifest:
                 from launch.batch import run_batch
 
-                renderer = Renderer(cfg, rows_topo)
+                renderer = Renderer(cfg, rows_topo, geometry)
                 return run_batch(cfg, validated, renderer, job_topo, rows_topo, handler)
-            renderer = Renderer(cfg, job_topo)
+            renderer = Renderer(cfg, job_topo, geometry)
             job = validated.jobs[0]
             state = StateStore(single_state_dir(job.output))
             renderer.render(job, state=state, preemption=handler)
@@ -71,6 +73,10 @@ def run_from_config(cfg: RunConfig, validated: Validated) -> int:
                 record_preemption()
                 requeue_if_slurm()
             return EXIT_PREEMPTED
+        except InputError as err:
+            # The memory pre-flight: every rank stops with the same line (before any weight was loaded).
+            sys.stderr.write(f"error: {err}\n")
+            return EXIT_BAD_INPUT
         except OutputConflict as err:
             if env.is_main:
                 sys.stderr.write(f"error: {err}\n")

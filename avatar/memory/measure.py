@@ -241,10 +241,30 @@ ENCODER_CONFIGS = {
 }
 
 
-def encoder_weight_bytes(dtype: torch.dtype = torch.float16, cache: MeasureCache | None = None) -> dict[str, int]:
-    """Bytes of the LLaVA, CLIP-text and Whisper modules we load, in ``dtype`` (the GPU dtype of ``Renderer``)."""
-    key = _key("encoders", spec=ENCODER_CONFIGS, dtype=str(dtype))
-    return (cache or MeasureCache(None)).get(key, lambda: _encoder_weight_bytes(dtype))
+def encoder_weight_bytes(
+    model: ModelConfig | None = None,
+    weights_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float16,
+    cache: MeasureCache | None = None,
+) -> dict[str, int]:
+    """Bytes of the LLaVA, CLIP-text and Whisper modules we load, in ``dtype`` (the GPU dtype of ``Renderer``):
+    the official classes built on meta for the official widths (``model`` None or LLaVA-width text states), else the
+    weight files of the encoder folders under ``weights_dir`` (the tiny model's; nothing without a folder)."""
+    if model is None or model.text_states_dim == ENCODER_CONFIGS["llava"]["text"]["hidden_size"]:
+        key = _key("encoders", spec=ENCODER_CONFIGS, dtype=str(dtype))
+        return (cache or MeasureCache(None)).get(key, lambda: _encoder_weight_bytes(dtype))
+    from avatar.config import OFFICIAL_CLIP_DIR, OFFICIAL_LLAVA_DIR, OFFICIAL_WHISPER_DIR
+
+    out = {}
+    for name, folder in (
+        ("llava", OFFICIAL_LLAVA_DIR),
+        ("clip", OFFICIAL_CLIP_DIR),
+        ("whisper", OFFICIAL_WHISPER_DIR),
+    ):
+        root = Path(weights_dir) / folder if weights_dir is not None else None
+        files = [] if root is None or not root.is_dir() else [*root.glob("*.safetensors"), *root.glob("*.bin")]
+        out[name] = sum(f.stat().st_size for f in files)
+    return out
 
 
 def _encoder_weight_bytes(dtype: torch.dtype) -> dict[str, int]:
@@ -278,33 +298,52 @@ def _encoder_weight_bytes(dtype: torch.dtype) -> dict[str, int]:
     return out
 
 
+def vae_config(cfg: ModelConfig) -> dict:
+    """The diffusers ``AutoencoderKLHunyuanVideo`` config of ``cfg``'s VAE: the official (the class defaults) at the
+    official latent width, the tiny one's (``avatar/weights/tiny_cond.py``) otherwise."""
+    if cfg.latent_channels == 16:
+        return {"latent_channels": cfg.latent_channels}
+    from avatar.weights.tiny_cond import tiny_vae_config
+
+    return tiny_vae_config(cfg)
+
+
+class _Run(nn.Module):
+    """``modules`` applied in order (the decoder after ``post_quant_conv``, the encoder before ``quant_conv``)."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        super().__init__()
+        self.inner = nn.ModuleList(modules)
+
+    def forward(self, z):
+        for module in self.inner:
+            z = module(z)
+        return z
+
+
 def vae_bytes(cfg: ModelConfig, dtype: torch.dtype = torch.float16, cache: MeasureCache | None = None) -> dict:
-    """``weights`` and ``tile`` (peak above weights of decoding one full temporal × spatial tile) of the real VAE."""
+    """``weights``, ``tile`` (peak above weights of decoding one full temporal × spatial tile) and ``encode_tile``
+    (encoding one pixel tile, as the reference latents do) of the real VAE."""
     from diffusers import AutoencoderKLHunyuanVideo
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     lat_frames = (cfg.vae_tile_frames - 1) // cfg.vae_temporal_ratio + 1
     lat_size = cfg.vae_tile_size // cfg.vae_spatial_ratio
-    parts = dict(frames=lat_frames, size=lat_size, dtype=str(dtype), channels=cfg.latent_channels, code=_code_hash())
+    config = vae_config(cfg)
+    parts = dict(frames=lat_frames, size=lat_size, dtype=str(dtype), config=config, code=_code_hash())
 
     def compute() -> dict:
         with torch.device("meta"):
-            vae = AutoencoderKLHunyuanVideo(latent_channels=cfg.latent_channels).to(dtype)
+            vae = AutoencoderKLHunyuanVideo(**config).to(dtype)
         weights = module_bytes(vae)
         mode = FakeTensorMode()
-        decoder = to_fake(nn.ModuleDict({"post": vae.post_quant_conv, "decoder": vae.decoder}), mode)
+        vae = to_fake(vae, mode)
         with mode:
             z = torch.zeros(1, cfg.latent_channels, lat_frames, lat_size, lat_size, dtype=dtype)
-
-        class Decode(nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, z, cache=None):
-                return self.inner["decoder"](self.inner["post"](z))
-
-        return {"weights": weights, "tile": forward_peak(Decode(decoder), {"z": z}, mode=mode)}
+            pixels = torch.zeros(1, 3, cfg.vae_tile_frames + 1, cfg.vae_tile_size, cfg.vae_tile_size, dtype=dtype)
+        decode = forward_peak(_Run(vae.post_quant_conv, vae.decoder), {"z": z}, mode=mode)
+        encode = forward_peak(_Run(vae.encoder, vae.quant_conv), {"z": pixels}, mode=mode)
+        return {"weights": weights, "tile": decode, "encode_tile": encode}
 
     return (cache or MeasureCache(None)).get(_key("vae", **parts), compute)
 

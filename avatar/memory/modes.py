@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from avatar.config import MemoryConfig, MemoryMode, Offload, Shard
+from avatar.config import MemoryConfig, MemoryMode, ModelConfig, Offload, Shard
 
 #: The cheapest first: what ``memory=auto`` tries, in order.
 AUTO_ORDER = (
@@ -36,6 +36,9 @@ class Placement:
     """The deep-cache buffers live in (pinned) host memory."""
     encoders_on_cpu: bool = False
     """The text/audio/image encoders run on the CPU (otherwise on the GPU, freed before denoising)."""
+    vae_tile_frames: int | None = None
+    """Temporal VAE tile in video frames (stride ¾ of it) instead of ``model.vae_tile_frames``: ``low`` halves the
+    official 64, which halves the decode's peak (≈9 GB → ≈4.4 GB at 256 px tiles)."""
 
 
 _MODES = {
@@ -45,7 +48,12 @@ _MODES = {
     MemoryMode.fsdp_fp8: Placement(MemoryMode.fsdp_fp8, shard=Shard.fsdp, fp8=True),
     MemoryMode.offload: Placement(MemoryMode.offload, offload=Offload.blocks, fp8=True),
     MemoryMode.low: Placement(
-        MemoryMode.low, offload=Offload.blocks, fp8=True, cache_on_host=True, encoders_on_cpu=True
+        MemoryMode.low,
+        offload=Offload.blocks,
+        fp8=True,
+        cache_on_host=True,
+        encoders_on_cpu=True,
+        vae_tile_frames=32,
     ),
 }
 
@@ -62,3 +70,11 @@ def placement(memory: MemoryConfig, mode: MemoryMode | None = None) -> Placement
     if memory.offload is not None:
         chosen = replace(chosen, offload=Offload(memory.offload))
     return chosen
+
+
+def tiled_model(model: ModelConfig, chosen: Placement) -> ModelConfig:
+    """``model`` with the VAE tiles of ``chosen`` (itself when the placement keeps the model's tiles)."""
+    frames = chosen.vae_tile_frames
+    if frames is None or frames >= model.vae_tile_frames:
+        return model
+    return replace(model, vae_tile_frames=frames, vae_tile_stride_frames=frames * 3 // 4)

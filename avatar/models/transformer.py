@@ -383,13 +383,7 @@ class DoubleStreamBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec).chunk(6, dim=-1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec).chunk(6, dim=-1)
 
-        img_q, img_k, img_v = split_heads(
-            self.img_attn_qkv(modulate(self.img_norm1(img), img_shift1, img_scale1)), self.num_heads
-        )
-        img_q = self.img_attn_q_norm(img_q).to(img_v.dtype)
-        img_k = self.img_attn_k_norm(img_k).to(img_v.dtype)
-        img_q = apply_rope(img_q, rope_cos, rope_sin)
-        img_k = apply_rope(img_k, rope_cos, rope_sin)
+        img_q, img_k, img_v = self._img_qkv(img, img_shift1, img_scale1, rope_cos, rope_sin)
 
         txt_q, txt_k, txt_v = split_heads(
             self.txt_attn_qkv(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1)), self.num_heads
@@ -409,6 +403,28 @@ class DoubleStreamBlock(nn.Module):
         txt = txt + gate(self.txt_attn_proj(txt_attn.flatten(2)), txt_gate1)
         txt = txt + gate(self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)), txt_gate2)
         return img, txt
+
+    def _img_qkv(self, img, shift, scale, rope_cos, rope_sin):
+        """Image q, k (normed, rotated) and v ``[B, S, H, Dh]``, ``token_chunk`` tokens at a time into three buffers:
+        the ``[S, 3D]`` projection and the fp32 norm/RoPE temporaries exist for one chunk only (all per token, so
+        every value is that of the whole-sequence call)."""
+        ranges = token_chunks(img.shape[1], self.token_chunk)
+        q = k = v = None
+        for start, stop in ranges:
+            rows = modulate(self.img_norm1(img[:, start:stop].contiguous()), shift, scale)
+            part_q, part_k, part_v = split_heads(self.img_attn_qkv(rows), self.num_heads)
+            del rows
+            cos, sin = rope_cos[start:stop], rope_sin[start:stop]
+            part_q = apply_rope(self.img_attn_q_norm(part_q).to(part_v.dtype), cos, sin)
+            part_k = apply_rope(self.img_attn_k_norm(part_k).to(part_v.dtype), cos, sin)
+            if len(ranges) == 1:
+                return part_q, part_k, part_v
+            if q is None:
+                q, k, v = (part_v.new_empty((img.shape[0], img.shape[1], *part_v.shape[2:])) for _ in range(3))
+            for buffer, part in zip((q, k, v), (part_q, part_k, part_v)):
+                buffer[:, start:stop] = part
+            del part_q, part_k, part_v, part
+        return q, k, v
 
 
 class SingleStreamBlock(nn.Module):
@@ -436,26 +452,38 @@ class SingleStreamBlock(nn.Module):
         # first q, k, v into three buffers (so the raw q and k die at their norms), then, after the attention, the
         # MLP half chunk by chunk straight into linear2. The [S, 3D + mlp_hidden] output, its GELU and their concat
         # never exist at full length, and nothing of the attention but its output is alive in the MLP half.
+        # The q/k norms and the RoPE of the image tokens run per chunk as well (per token: the same values).
         ranges = token_chunks(x.shape[1], self.token_chunk)
+        num_img = x.shape[1] - num_txt
         q = k = v = None
         for start, stop in ranges:
             part = linear_rows(self.linear1, self._modulated(x, start, stop, shift, scale), 0, 3 * self.dim)
+            part_q, part_k, part_v = (t.unflatten(-1, (self.num_heads, -1)) for t in part.chunk(3, dim=-1))
+            del part
+            part_q = self.q_norm(part_q).to(part_v.dtype)
+            part_k = self.k_norm(part_k).to(part_v.dtype)
+            rotated = max(0, min(stop, num_img) - start)  # image tokens of this chunk (text tokens get no RoPE)
+            if rotated:
+                cos, sin = rope_cos[start : start + rotated], rope_sin[start : start + rotated]
+                part_q = torch.cat([apply_rope(part_q[:, :rotated], cos, sin), part_q[:, rotated:]], dim=1)
+                part_k = torch.cat([apply_rope(part_k[:, :rotated], cos, sin), part_k[:, rotated:]], dim=1)
             if q is None:
-                q, k, v = (part.new_empty((x.shape[0], x.shape[1], self.dim)) for _ in range(3))
-            for buffer, rows in zip((q, k, v), part.chunk(3, dim=-1)):
+                q, k, v = (part_v.new_empty((x.shape[0], x.shape[1], *part_v.shape[2:])) for _ in range(3))
+            for buffer, rows in zip((q, k, v), (part_q, part_k, part_v)):
                 buffer[:, start:stop] = rows
-            del part, rows
-        q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v))
-        q = self.q_norm(q).to(v.dtype)
-        k = self.k_norm(k).to(v.dtype)
-        num_img = x.shape[1] - num_txt
-        img_q = apply_rope(q[:, :num_img], rope_cos, rope_sin)
-        img_k = apply_rope(k[:, :num_img], rope_cos, rope_sin)
+            del part_q, part_k, part_v, rows
         img_attn, txt_attn = seq.joint_attention(
-            img_q, img_k, v[:, :num_img], q[:, num_img:], k[:, num_img:], v[:, num_img:], img_key_mask, txt_key_mask
+            q[:, :num_img],
+            k[:, :num_img],
+            v[:, :num_img],
+            q[:, num_img:],
+            k[:, num_img:],
+            v[:, num_img:],
+            img_key_mask,
+            txt_key_mask,
         )
         attn = torch.cat([img_attn, txt_attn], dim=1).flatten(2)
-        del q, k, v, img_q, img_k, img_attn, txt_attn
+        del q, k, v, img_attn, txt_attn
         out = None
         for start, stop in ranges:
             hidden = self.mlp_act(

@@ -16,10 +16,23 @@ from avatar.pipeline.job import Inputs, Job, config_dict, peak_host_memory_mb
 
 
 def build_report(
-    cfg, topo, job: Job, inputs: Inputs, strategy, stats, seams, timer, comm, seconds: float, face_found: bool, ranks
+    cfg,
+    topo,
+    job: Job,
+    inputs: Inputs,
+    strategy,
+    stats,
+    seams,
+    timer,
+    comm,
+    seconds: float,
+    face_found: bool,
+    ranks,
+    memory: dict | None = None,
 ) -> dict:
     """``comm``: the ``CommStats`` counted over this render (this rank's collectives); ``ranks``: every rank's
-    device and peak memory (``device_info``), in rank order."""
+    device and peak memory (``device_info``), in rank order; ``memory``: the resolved memory plan
+    (``MemoryPlan.as_dict()``: mode, why, placement, per-stage estimate in bytes, the GPU memory planned for)."""
     import diffusers
     import transformers
 
@@ -54,6 +67,7 @@ def build_report(
             "sequence": getattr(topo.seq, "world", 1),
         },
         "ranks": ranks,
+        "memory": memory,
         "denoise": asdict(stats),
         "communication": {name: {"calls": c, "bytes": b} for name, (c, b) in comm.snapshot().items()},
         "seams": seams,

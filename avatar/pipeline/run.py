@@ -42,19 +42,76 @@ from avatar.progress import format_seconds, progress
 log = logging.getLogger(__name__)
 
 
+# --- the memory pre-flight ----------------------------------------------------------------------------------------
+
+
+def preflight(cfg: RunConfig, topo: Topology, geometry=None):
+    """Resolve ``memory.mode`` for this group (``avatar/memory/plan.py``) before any weight is moved to a device:
+    every rank asks its device's free memory (``avatar/memory/device.py``), the group takes the smallest, and every
+    rank checks the group's largest need (its rank 0's, which also encodes) against it, so all ranks stop together
+    with the same one-line ``InputError`` (exit 2) when it does not fit. Returns the ``MemoryPlan`` (logged)."""
+    from avatar.memory import plan as memory_plan
+    from avatar.memory.device import free_bytes
+    from avatar.memory.measure import MeasureCache, default_cache_dir
+
+    free, source = free_bytes(topo.device, cfg.memory)
+    # The group's smallest free memory (None on every rank: nothing to check).
+    unknown = float(2**62)
+    smallest = -topo.all_reduce_max(-(float(free) if free is not None else unknown))
+    free = None if smallest >= unknown else int(smallest)
+    if geometry is None:
+        geometry = memory_plan.planning_geometry(cfg.model, cfg.model.window_frames / FPS)
+    ranks = memory_plan.Ranks(
+        world=topo.world, data=topo.data_size, cfg=topo.cfg_size, sequence=getattr(topo.seq, "world", 1)
+    )
+    try:
+        chosen = memory_plan.resolve(
+            cfg.memory,
+            ranks,
+            cfg.model,
+            geometry,
+            free,
+            deep_cache=cfg.sampling.cache,
+            auto_segments_seconds=cfg.long.auto_segments_seconds,
+            overlap=cfg.long.overlap_frames or None,
+            weights_dir=cfg.weights,
+            fp8=cfg.fp8,
+            cache=MeasureCache(default_cache_dir()),
+        )
+    except InputError as err:
+        raise InputError(f"pre-flight (free memory from {source}, the group's smallest): {err}") from None
+    for line in chosen.lines():
+        log.info("%s", line)
+    return chosen
+
+
+def _move_encoders(encoders: dict, device: torch.device) -> None:
+    """Move every module of the encoder objects to ``device`` (and their ``device`` attribute with them)."""
+    for encoder in encoders.values():
+        for value in vars(encoder).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+        if hasattr(encoder, "device"):
+            encoder.device = device
+
+
 # --- the renderer -------------------------------------------------------------------------------------------------
 
 
 class Renderer:
     """Models loaded once; ``render(job)`` makes one video."""
 
-    def __init__(self, cfg: RunConfig, topo: Topology) -> None:
+    def __init__(self, cfg: RunConfig, topo: Topology, geometry=None) -> None:
+        """``geometry``: the largest video this launch renders (``avatar.memory.plan.Geometry``; None: one window at
+        the model's planning size), which the pre-flight checks against every rank's free memory."""
         self.cfg = cfg
         self.topo = topo
         self.device = topo.device
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.timer = StageTimer()
         weights = Path(cfg.weights)
+        with self.timer("memory_plan"):
+            self.memory = preflight(cfg, topo, geometry)
         with self.timer("load_dit"):
             from avatar.weights.load import load_dit
 
@@ -62,6 +119,7 @@ class Renderer:
                 weights, cfg.model, dtype=self.dtype, device=self.device, fp8=cfg.fp8, load_key=cfg.load_key
             )
             self.model.set_sequence_parallel(topo.seq)
+            self.model.set_token_chunk(cfg.memory.token_chunk or None)
             self.model.eval()
         with self.timer("load_vae"):
             from avatar.config import OFFICIAL_VAE_DIR
@@ -69,7 +127,9 @@ class Renderer:
 
             vae_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
             self.vae = load_vae(weights / OFFICIAL_VAE_DIR, dtype=vae_dtype, device=self.device)
-            configure_tiling(self.vae, cfg.model)
+            from avatar.memory.modes import tiled_model
+
+            configure_tiling(self.vae, tiled_model(cfg.model, self.memory.placement))
         self._encoders = None
         self.host_peak_after_load_mb = peak_host_memory_mb()
 
@@ -88,26 +148,43 @@ class Renderer:
             from avatar.models.text import TextEncoder
 
             weights = Path(self.cfg.weights)
-            text_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+            device = self.encoder_device
+            text_dtype = torch.float16 if device.type == "cuda" else torch.float32
             with self.timer("load_encoders"):
                 self._encoders = dict(
                     audio=AudioFeatureEncoder(
                         weights / OFFICIAL_WHISPER_DIR,
-                        device=self.device,
+                        device=device,
                         context_seconds=self.cfg.audio.context_seconds,
                     ),
-                    face=FaceDetector(
-                        self.cfg.model.face_detector, weights / OFFICIAL_FACE_DETECTOR, device=self.device
-                    ),
+                    face=FaceDetector(self.cfg.model.face_detector, weights / OFFICIAL_FACE_DETECTOR, device=device),
                     text=TextEncoder(
                         weights / OFFICIAL_LLAVA_DIR,
                         weights / OFFICIAL_CLIP_DIR,
                         self.cfg.model,
                         dtype=text_dtype,
-                        device=self.device,
+                        device=device,
                     ),
                 )
+        else:
+            _move_encoders(self._encoders, self.encoder_device)
         return self._encoders
+
+    @property
+    def encoder_device(self) -> torch.device:
+        """Where the encoders run: the CPU with ``Placement.encoders_on_cpu``, else this rank's device."""
+        return torch.device("cpu") if self.memory.placement.encoders_on_cpu else self.device
+
+    def release_encoders(self) -> None:
+        """Move the encoders off the GPU (to the CPU, kept loaded for the next job), so that they never sit beside
+        a VAE tile or the DiT's activations; the next ``encoders()`` moves them back."""
+        if self._encoders is None or self.encoder_device.type == "cpu":
+            log.info("encoders: on the CPU, nothing to release before the reference latents and the denoise")
+            return
+        _move_encoders(self._encoders, torch.device("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("encoders: moved from %s to the CPU before the reference latents and the denoise", self.device)
 
     def conditioning(self, job: Job, inputs: Inputs) -> dn.Conditioning:
         """Stages 2-5 run on rank 0; the result is broadcast to every rank."""
@@ -143,6 +220,7 @@ class Renderer:
             prompt = cfg.sampling.prompt_prefix + job.prompt
             pos = enc["text"].encode(prompt, inputs.image)
             neg = enc["text"].encode(cfg.sampling.negative_prompt, inputs.image)
+        self.release_encoders()
         log.info("reference latents: %dx%d, %d frames", inputs.width, inputs.height, cfg.model.window_frames)
         with self.timer("reference_latents"):
             pixels = reference_pixels(inputs.image, cfg.model.window_frames)
@@ -268,6 +346,7 @@ class Renderer:
                     elapsed,
                     cond.face_found,
                     ranks,
+                    memory=self.memory.as_dict(),
                 )
                 from avatar.io.atomic import atomic_write_json
 
