@@ -9,6 +9,7 @@ including a hash of the code they run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "avatar-launcher" / "memory"
 
 
+@functools.cache
 def _code_hash() -> str:
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
@@ -58,11 +60,19 @@ class MeasureCache:
         if key not in self.values:
             self.values[key] = compute()
             if self.path is not None:
+                # Merge with what other processes (or other instances) wrote meanwhile, then replace atomically.
+                self.values = {**self._read(), **self.values}
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.path.with_suffix(f".tmp{os.getpid()}")
                 tmp.write_text(json.dumps(self.values, indent=0, sort_keys=True))
                 os.replace(tmp, self.path)
         return self.values[key]
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
 
 
 def _key(kind: str, **parts) -> str:
@@ -187,8 +197,19 @@ def dit_activation_bytes(
     return (cache or MeasureCache(None)).get(_key("dit_act", **parts), compute)
 
 
+_WEIGHTS: dict[str, dict[str, int]] = {}
+
+
 def dit_weight_bytes(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, fp8: bool = False) -> dict[str, int]:
-    """``total``, ``blocks`` (all double + single blocks), ``largest_block`` bytes of the real DiT in ``dtype``."""
+    """``total``, ``blocks`` (all double + single blocks), ``largest_block`` bytes of the real DiT in ``dtype``
+    (built on meta once per process and configuration)."""
+    key = _key("dit_weights", cfg=asdict(cfg), dtype=str(dtype), fp8=fp8)
+    if key not in _WEIGHTS:
+        _WEIGHTS[key] = _dit_weight_bytes(cfg, dtype, fp8)
+    return dict(_WEIGHTS[key])
+
+
+def _dit_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, fp8: bool) -> dict[str, int]:
     model = meta_dit(cfg, dtype, fp8)
     blocks = [*model.double_blocks, *model.single_blocks]
     sizes = [module_bytes(block) for block in blocks]

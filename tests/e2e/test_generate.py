@@ -77,6 +77,13 @@ def test_report_and_log_observe_every_stage(single, tiny_weights):
         assert line in log, line
     assert "denoise: 3/3 it (100%)" in log and "decode: 125/125 frames (100%)" in log and "mux: audio" in log
     assert "ETA" in log
+    # The memory plan (no GPU memory to plan for on the CPU: memory=auto resolves to none) in the log and report,
+    # and the encoders released before the reference latents.
+    assert "memory: none (auto: no GPU memory to plan for" in log and "peak per rank: " in log
+    assert report["memory"]["mode"] == "none" and report["memory"]["why"].startswith("auto: no GPU memory")
+    assert set(report["memory"]["stages"]) == {"encode", "reference", "denoise", "decode"}
+    assert report["memory"]["stages"]["denoise"]["activations"] > 0
+    assert log.index("encoders: ") < log.index("reference latents:")
 
 
 @pytest.mark.timeout(600)
