@@ -93,6 +93,9 @@ def check_config(cfg: RunConfig) -> None:
             f"{a.chunk_seconds} (each Whisper piece keeps its middle)"
         )
     _positive("long.auto_segments_seconds", cfg.long.auto_segments_seconds)
+    _positive("memory.gpu_memory_gb", cfg.memory.gpu_memory_gb, allow_none=True)
+    if not isinstance(cfg.memory.token_chunk, int) or cfg.memory.token_chunk < 0:
+        raise InputError(f"memory.token_chunk={cfg.memory.token_chunk!r} is invalid; give 0 (no chunking) or tokens")
     if cfg.long.overlap_frames < 0:
         raise InputError(f"long.overlap_frames={cfg.long.overlap_frames} is invalid; give an integer ≥ 0")
     if cfg.checkpoint_every < 0:

@@ -9,6 +9,7 @@ including a hash of the code they run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -61,11 +62,16 @@ class MeasureCache:
             self.values[key] = compute()
             if self.path is not None:
                 # Merge with what other processes (or other instances) wrote meanwhile, then replace atomically.
+                # Best effort: an unwritable cache folder only means measuring again next time.
                 self.values = {**self._read(), **self.values}
-                self.path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(self.values, indent=0, sort_keys=True))
-                os.replace(tmp, self.path)
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp.write_text(json.dumps(self.values, indent=0, sort_keys=True))
+                    os.replace(tmp, self.path)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
         return self.values[key]
 
     def _read(self) -> dict:

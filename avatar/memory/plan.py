@@ -388,7 +388,8 @@ def _what_would_fit(memory, plan, model, geometry, gpu_bytes, kwargs) -> str:
         else:
             not_fitting.append("up to 64 GPUs")
         step = model.bucket_multiple
-        for size in range(model.image_size - step, step * 3, -step):
+        sizes = list(range(model.image_size - step, step * 3, -step))
+        for size in sizes:
             scale = size / model.image_size
             smaller = replace(
                 geometry,
@@ -400,7 +401,8 @@ def _what_would_fit(memory, plan, model, geometry, gpu_bytes, kwargs) -> str:
                 options.append(f"model.image_size={size} (memory={fit.placement.mode.value})")
                 break
         else:
-            not_fitting.append(f"model.image_size down to {step * 4}")
+            if sizes:
+                not_fitting.append(f"model.image_size down to {sizes[-1]}")
         if not_fitting:
             options.append(f"not {' nor '.join(not_fitting)} on {gb(gpu_bytes)} GPUs")
     return "; would fit: " + ", ".join(options) if options else ""

@@ -106,3 +106,33 @@ def test_launch_plan_prints_the_memory_lines_and_refuses_with_exit_2(capsys):
     assert err.startswith("error: no memory mode fits") and err.count("\n") == 1
     assert plan_main(["world=1", "gpu_memory=24", "memory=huge"]) == 2
     assert "memory='huge' is not valid: use one of auto, none" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_free_memory_comes_from_the_override_then_the_provider_then_the_device():
+    from avatar.memory.device import fixed_provider, free_bytes, set_provider
+
+    cpu = torch.device("cpu")
+    assert free_bytes(cpu, MemoryConfig()) == (None, "cpu (no GPU memory to check)")
+    set_provider(fixed_provider(3.5))
+    try:
+        assert free_bytes(cpu, MemoryConfig()) == (3_500_000_000, "the device-memory provider")
+        assert free_bytes(cpu, MemoryConfig(gpu_memory_gb=80.0)) == (80 * GB, "memory.gpu_memory_gb")
+    finally:
+        set_provider(None)
+
+
+@pytest.mark.timeout(120)
+def test_the_renderer_preflight_resolves_or_refuses_before_loading(tiny_weights):
+    from avatar.pipeline.run import preflight
+    from avatar.pipeline.topology import Topology
+    from launch.config import compose
+
+    cfg = compose(["model=tiny", f"weights={tiny_weights}"])
+    chosen = preflight(cfg, Topology())  # CPU, nothing to plan for
+    assert chosen.mode == MemoryMode.none and chosen.why.startswith("auto: no GPU memory")
+    cfg = compose(["model=tiny", f"weights={tiny_weights}", "memory.gpu_memory_gb=0.001"])
+    with pytest.raises(InputError, match=r"^pre-flight \(free memory from memory.gpu_memory_gb.*no memory mode fits"):
+        preflight(cfg, Topology())
+    cfg = compose(["model=tiny", f"weights={tiny_weights}", "memory.gpu_memory_gb=1"])
+    assert preflight(cfg, Topology()).mode == MemoryMode.none  # the tiny model fits 1 GB as it is
