@@ -191,6 +191,9 @@ def test_world_of_one_mesh_needs_no_process_group():
         assert (mesh.group(axis), mesh.rank(axis), mesh.size(axis)) == (None, 0, 1)
     seq = mesh.sequence()
     assert type(seq).__name__ == "LocalSequence"
+    job, rows = mesh.topologies(0, torch.device("cpu"))
+    assert rows is job and (job.world, job.data_size, job.cfg_size, job.group, job.mesh) == (1, 1, 1, None, None)
+    assert mesh.video_mesh() is None
 
 
 def test_model_heads_from_configs():
