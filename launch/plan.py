@@ -386,8 +386,10 @@ class ParallelMesh:
         if self.mesh is None:
             return None
         if self._video is None:
-            inner = tuple(axis.value for axis in MESH_AXES[1:])
-            self._video = self.mesh[inner]._flatten(VIDEO_AXIS)
+            try:  # flattened already (by another holder of the same mesh)
+                self._video = self.mesh[VIDEO_AXIS]
+            except KeyError:
+                self._video = self.mesh[tuple(axis.value for axis in MESH_AXES[1:])]._flatten(VIDEO_AXIS)
         return self._video
 
     def topologies(self, rank: int, device, attention: AttentionConfig | None = None) -> tuple[Topology, Topology]:

@@ -10,21 +10,22 @@ import pytest
 from PIL import Image
 
 from avatar.io.errors import InputError
-from avatar.parallel.xfuser import xfuser_frame_problem
+from avatar.parallel.xfuser import xfuser_token_problem
 from launch.config import compose
 from launch.validate import check_job, check_xfuser_image
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_frame_problem_names_the_count_the_degree_and_what_is_valid():
+def test_token_problem_names_the_count_the_degree_and_what_is_valid():
     # 704×704: 44×44 = 1936 tokens per latent frame; 8 ranks divide them, 24 do not.
-    assert xfuser_frame_problem(1936, 8) is None
-    assert xfuser_frame_problem(1936, 1) is None and xfuser_frame_problem(7, 1) is None
-    problem = xfuser_frame_problem(1936, 24)
+    assert xfuser_token_problem(1936, 8) is None
+    assert xfuser_token_problem(1936, 1) is None and xfuser_token_problem(7, 1) is None
+    problem = xfuser_token_problem(1936, 24)
     assert "tokens per frame (1936)" in problem and "ring·ulysses=24" in problem
     assert "valid degrees: 1, 2, 4, 8, 11, 16, 22, 44" in problem and "attention.backend=native" in problem
     assert "\n" not in problem
+    assert "the image tokens (65824)" in xfuser_token_problem(34 * 1936, 48, "image tokens")
 
 
 def test_validation_refuses_the_image_before_any_model(tmp_path):
