@@ -81,7 +81,8 @@ def run_server(cfg: RunConfig, sock, plan: ParallelPlan) -> int:
             requeued = store.recover()
             if requeued:
                 log.warning("jobs left running by the last server are queued again: %s", ", ".join(requeued))
-            http = HttpServer(create_app(cfg, store, wake, ready.is_set), sock).start()
+            app = create_app(cfg, store, wake, ready.is_set, sequence_degree=plan.sequence_size)
+            http = HttpServer(app, sock).start()
             host, port = http.address
             url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
             atomic_write_json(Path(cfg.serve.state_dir) / "server.json", {"url": url, "host": host, "port": port})

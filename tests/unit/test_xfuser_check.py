@@ -1,5 +1,5 @@
-"""The xfuser backend's token rule is a pure function checked by ``launch.validate`` before any model (xfuser itself
-does not import on a CPU torch), and ``avatar/attention`` no longer imports ``avatar/parallel`` (no cycle)."""
+"""The xfuser backend's token rule is a pure function checked by ``launch.validate`` (and the server, per upload) before
+any model (xfuser itself does not import on a CPU torch), and ``avatar/attention`` no longer imports ``avatar/parallel`` (no cycle)."""
 
 from __future__ import annotations
 
@@ -59,3 +59,32 @@ def test_attention_and_parallel_do_not_import_each_other():
     assert not any(name.startswith("avatar.parallel") for name in _imports("attention"))
     assert any(name.startswith("avatar.attention") for name in _imports("parallel"))  # one direction only
     assert not (ROOT / "avatar" / "attention" / "xfuser.py").exists()
+
+
+def test_server_uploads_are_checked_against_the_plan(tmp_path):
+    import io
+
+    import numpy as np
+    import soundfile as sf
+    from fastapi.testclient import TestClient
+
+    from avatar.serve.app import create_app
+    from avatar.serve.store import JobStore
+    from tests.e2e.conftest import EXAMPLES
+
+    cfg = compose(["model=tiny", "attention.backend=xfuser", "serve.api_key=k"])
+    portrait = (EXAMPLES / "portrait.jpg").read_bytes()  # 512×512 → the 128×128 bucket: 64 tokens per frame
+    speech = io.BytesIO()
+    sf.write(speech, np.zeros(16000, np.float32), 16000, format="WAV")
+    store = JobStore(tmp_path / "state")
+    try:
+        replies = {}
+        for degree in (3, 4):
+            with TestClient(create_app(cfg, store, sequence_degree=degree)) as client:
+                files = {"image": ("f.jpg", io.BytesIO(portrait)), "audio": ("a.wav", io.BytesIO(speech.getvalue()))}
+                replies[degree] = client.post("/v1/videos", files=files, headers={"Authorization": "Bearer k"})
+        assert replies[3].status_code == 400 and "tokens per frame (64)" in replies[3].json()["error"]
+        assert "ring·ulysses=3" in replies[3].json()["error"]
+        assert replies[4].status_code == 202, replies[4].text
+    finally:
+        store.close()
