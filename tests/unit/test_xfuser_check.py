@@ -1,5 +1,6 @@
-"""The xfuser backend's token rule is a pure function checked by ``launch.validate`` (and the server, per upload) before
-any model (xfuser itself does not import on a CPU torch), and ``avatar/attention`` no longer imports ``avatar/parallel`` (no cycle)."""
+"""The xfuser backend's token rule is a pure function checked by ``launch.validate`` (and the server, per upload)
+before any model (xfuser itself does not import on a CPU torch), and ``avatar/attention`` no longer imports
+``avatar/parallel`` (no cycle)."""
 
 from __future__ import annotations
 
