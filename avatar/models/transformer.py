@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,22 @@ AUDIO_FRAMES_PER_LATENT = 4
 #: Frame rate fed to fps_proj (the one frame rate, ``avatar.config.FPS``).
 DEFAULT_FPS = float(FPS)
 NORM_EPS = 1e-6
+
+
+#: Token-grid shapes whose tables a model keeps (least recently used dropped first): a run sees one or two window
+#: shapes, a server a few resolutions.
+SHAPE_CACHE_SIZE = 4
+
+
+@dataclass
+class ShapeTables:
+    """What every forward of one token-grid shape needs and nothing but the shape decides, built once per (shape,
+    device, sequence layout) on the device and reused by every later forward, cached steps included."""
+
+    rope_cos: torch.Tensor  # [S_local, Dh] fp32, this rank's rows
+    rope_sin: torch.Tensor  # [S_local, Dh] fp32
+    img_key_mask: torch.Tensor | None  # [S_local] bool, False on this rank's padding tokens; None without padding
+    layout: torch.Tensor  # [S, 0]: an empty tensor of the full sequence's shape (see ``AvatarDiT._shape_tables``)
 
 
 @dataclass
@@ -65,22 +82,26 @@ def gate(x: torch.Tensor, gate_values: torch.Tensor) -> torch.Tensor:
     return x * gate_values.unsqueeze(1)
 
 
-def rope_table(cfg: ModelConfig, num_frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE ``(cos, sin)``, each ``[(num_frames+1)·height·width, head_dim]`` fp32, for a token grid of
-    ``num_frames`` video frames preceded by the reference frame at t = −1 (``height``/``width`` in tokens).
+def rope_table(
+    cfg: ModelConfig, num_frames: int, height: int, width: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE ``(cos, sin)``, each ``[(num_frames+1)·height·width, head_dim]`` fp32 on ``device`` (default CPU), for a
+    token grid of ``num_frames`` video frames preceded by the reference frame at t = −1 (``height``/``width`` in
+    tokens).
 
     Per axis (t, h, w) with ``dim`` = cfg.rope_axes[i]: angle = pos · θ^(−2k/dim), k < dim/2, each angle repeated
     twice (interleaved pairs); the three axes are concatenated."""
     positions = (
-        torch.arange(-1, num_frames, dtype=torch.float32),
-        torch.arange(height, dtype=torch.float32),
-        torch.arange(width, dtype=torch.float32),
+        torch.arange(-1, num_frames, dtype=torch.float32, device=device),
+        torch.arange(height, dtype=torch.float32, device=device),
+        torch.arange(width, dtype=torch.float32, device=device),
     )
     grid = torch.meshgrid(*positions, indexing="ij")
     cos_parts, sin_parts = [], []
     for axis_dim, axis_pos in zip(cfg.rope_axes, grid):
         inv_freq = 1.0 / (
-            cfg.rope_theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float32)[: axis_dim // 2] / axis_dim)
+            cfg.rope_theta
+            ** (torch.arange(0, axis_dim, 2, dtype=torch.float32, device=device)[: axis_dim // 2] / axis_dim)
         )
         angles = torch.outer(axis_pos.reshape(-1), inv_freq)
         cos_parts.append(angles.cos().repeat_interleave(2, dim=1))
@@ -557,6 +578,9 @@ class AvatarDiT(nn.Module):
         if any(b < 0 for b in cfg.adapter_after_double):
             raise ValueError(f"adapter_after_double {cfg.adapter_after_double} must be double-block indices >= 0")
         self.seq = LocalSequence()
+        self._tables: OrderedDict[tuple, ShapeTables] = OrderedDict()
+        self.num_table_builds = 0
+        """How many times the shape tables were built (once per new shape; tests and the bench read it)."""
         if dtype is not None:
             self.to_dtype(dtype)
 
@@ -581,6 +605,7 @@ class AvatarDiT(nn.Module):
     def set_sequence_parallel(self, seq) -> None:
         """Use ``seq`` (``avatar/parallel/base.py`` interface) at the sequence boundaries."""
         self.seq = seq
+        self._tables.clear()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -628,10 +653,8 @@ class AvatarDiT(nn.Module):
 
         # Positions, key masks (this rank's slice of every frame's tokens).
         tokens_per_frame = grid_h * grid_w
-        rope_cos, rope_sin = rope_table(cfg, num_frames, grid_h, grid_w)
-        rope_cos = seq.shard_tokens(rope_cos.to(x.device), num_seq_frames, dim=0)
-        rope_sin = seq.shard_tokens(rope_sin.to(x.device), num_seq_frames, dim=0)
-        img_key_mask = seq.padding_key_mask(num_seq_frames, tokens_per_frame, x.device)
+        tables = self._shape_tables(num_frames, grid_h, grid_w, x.device)
+        rope_cos, rope_sin, img_key_mask = tables.rope_cos, tables.rope_sin, tables.img_key_mask
         txt_key_mask = torch.arange(num_txt, device=x.device)[None, :] < text_mask.sum(dim=1, keepdim=True)
 
         if cache == "reuse":
@@ -696,6 +719,33 @@ class AvatarDiT(nn.Module):
         return (velocity, stored) if cache == "store" else velocity
 
     # --- forward helpers -----------------------------------------------------------------------------------------
+
+    def _shape_tables(self, num_frames: int, grid_h: int, grid_w: int, device: torch.device) -> ShapeTables:
+        """The RoPE rows and padding key mask of this rank for a ``(num_frames+1) × grid_h × grid_w`` token grid,
+        from the per-shape cache (built on ``device`` on a miss)."""
+        seq = self.seq
+        num_seq_frames = num_frames + 1
+        key = (num_frames, grid_h, grid_w, torch.device(device), seq.rank, seq.world)
+        tables = self._tables.get(key)
+        if tables is None:
+            cos, sin = rope_table(self.cfg, num_frames, grid_h, grid_w, device=device)
+            layout = cos.new_empty((cos.shape[0], 0))
+            tables = ShapeTables(
+                rope_cos=seq.shard_tokens(cos, num_seq_frames, dim=0),
+                rope_sin=seq.shard_tokens(sin, num_seq_frames, dim=0),
+                img_key_mask=seq.padding_key_mask(num_seq_frames, grid_h * grid_w, device),
+                layout=layout,
+            )
+            self._tables[key] = tables
+            self.num_table_builds += 1
+            while len(self._tables) > SHAPE_CACHE_SIZE:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+            # The sequence object learns the token layout from what it shards (the Ulysses token order depends on
+            # it); on a hit nothing else is sharded in a cached step, so shard the empty stand-in (no data, no copy).
+            seq.shard_tokens(tables.layout, num_seq_frames, dim=0)
+        return tables
 
     def _motion(self, embedder, values, default, batch, device) -> torch.Tensor:
         """Embed ``values`` ``[B, 4]`` (default: the config constant) to ``[B, D]``."""
