@@ -117,9 +117,16 @@ def compile_parity(
     seed: int = 0,
 ) -> dict:
     """The same weights eager and with ``compile_blocks`` (regional compile), one forward each way (plus a cached
-    step): relative error, max abs difference, times (the compiled time excludes the first, compiling call)."""
+    step): relative error, max abs differences, times (the compiled time excludes the first, compiling call), and
+    the number of graphs Dynamo compiled (one per block kind when every block reuses its kind's graph) and graph
+    breaks."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     from avatar.models.compile import compile_blocks
 
+    torch._dynamo.reset()
+    counters.clear()
     device = torch.device(device)
     torch.manual_seed(seed)
     eager = AvatarDiT(cfg, dtype=dtype, device=device).eval()
@@ -140,4 +147,6 @@ def compile_parity(
         seconds_eager=time_eager,
         seconds_compiled=time_compiled,
         seconds_first_compiled_call=time_first,
+        graphs=int(counters["stats"]["unique_graphs"]),
+        graph_breaks=sum(counters["graph_break"].values()),
     )

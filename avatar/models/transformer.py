@@ -461,8 +461,9 @@ class SingleStreamBlock(nn.Module):
         q = k = v = None
         for start, stop in ranges:
             part = linear_rows(self.linear1, self._modulated(x, start, stop, shift, scale), 0, 3 * self.dim)
-            if q is None:
-                q, k, v = (part.new_empty((x.shape[0], x.shape[1], self.dim)) for _ in range(3))
+            if q is None:  # (no generator here: it would make ``part`` a closure cell, which torch.compile cannot del)
+                shape = (x.shape[0], x.shape[1], self.dim)
+                q, k, v = part.new_empty(shape), part.new_empty(shape), part.new_empty(shape)
             for buffer, rows in zip((q, k, v), part.chunk(3, dim=-1)):
                 buffer[:, start:stop] = rows
             del part, rows

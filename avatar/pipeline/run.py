@@ -69,6 +69,10 @@ class Renderer:
             )
             self.model.set_sequence_parallel(topo.seq)
             self.model.eval()
+            if cfg.compile:
+                from avatar.models.compile import compile_blocks
+
+                log.info("compile=true: %d transformer blocks compiled (regional)", len(compile_blocks(self.model)))
         with self.timer("load_vae"):
             from avatar.config import OFFICIAL_VAE_DIR
             from avatar.models.vae import configure_tiling, load_vae
