@@ -150,3 +150,35 @@ def compile_parity(
         graphs=int(counters["stats"]["unique_graphs"]),
         graph_breaks=sum(counters["graph_break"].values()),
     )
+
+
+@torch.no_grad()
+def forward_host_syncs(
+    cfg: ModelConfig,
+    *,
+    device: torch.device | str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    num_frames: int = 2,
+    height: int = 16,
+    width: int = 16,
+) -> str | None:
+    """Run a warm forward (and a cached step) under ``torch.cuda.set_sync_debug_mode("error")``: None when nothing in
+    it waits for the GPU (no ``.item()``, no device-to-host copy, no data-dependent shape), else the error."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"forward_host_syncs needs a CUDA device, got {device}")
+    torch.manual_seed(0)
+    model = AvatarDiT(cfg, dtype=dtype, device=device).eval()
+    inputs = random_dit_inputs(cfg, num_frames, height, width, device=device, dtype=dtype)
+    _, cached = model(**inputs, cache="store")  # first call of the shape: builds its tables
+    torch.cuda.synchronize(device)
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(**inputs, cache="store")
+        model(**inputs, cache="reuse", cached=cached)
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return None
