@@ -98,3 +98,20 @@ def test_parity_check_of_the_gpu_script_passes_on_cpu():
     result = fp8_compute_parity(compose(["model=tiny"]).model, device="cpu", height=8, width=8, repeats=1)
     assert result["ok"], result
     assert 0 < result["error_compute_vs_dequantised"] < 0.02, result  # measured 0.57 % (dequantised: 0.59 %)
+
+
+@torch.no_grad()
+def test_load_dit_switches_the_loaded_fp8_layers_to_fp8_compute(tmp_path):
+    from avatar.config import OFFICIAL_DIT_FP8_FILE
+    from avatar.weights.load import load_dit, save_fp8_checkpoint
+
+    cfg = compose(["model=tiny"]).model
+    torch.manual_seed(2)
+    save_fp8_checkpoint(AvatarDiT(cfg).state_dict(), tmp_path / OFFICIAL_DIT_FP8_FILE)
+    default = load_dit(tmp_path, cfg, dtype=torch.float32, device="cpu", fp8=True)
+    computed = load_dit(tmp_path, cfg, dtype=torch.float32, device="cpu", fp8=True, fp8_compute=True)
+    layers = [m for m in computed.modules() if isinstance(m, FP8Linear)]
+    assert layers and all(m.compute_fp8 for m in layers)
+    assert not any(m.compute_fp8 for m in default.modules() if isinstance(m, FP8Linear))
+    inputs = random_dit_inputs(cfg, 2, 8, 8)
+    assert relative_error(computed(**inputs), default(**inputs)) < 0.02
