@@ -39,17 +39,6 @@ SHAPE_CACHE_SIZE = 4
 
 
 @dataclass
-class ShapeTables:
-    """What every forward of one token-grid shape needs and nothing but the shape decides, built once per (shape,
-    device, sequence layout) on the device and reused by every later forward, cached steps included."""
-
-    rope_cos: torch.Tensor  # [S_local, Dh] fp32, this rank's rows
-    rope_sin: torch.Tensor  # [S_local, Dh] fp32
-    img_key_mask: torch.Tensor | None  # [S_local] bool, False on this rank's padding tokens; None without padding
-    layout: torch.Tensor  # [S, 0]: an empty tensor of the full sequence's shape (see ``AvatarDiT._shape_tables``)
-
-
-@dataclass
 class CachedInput:
     """Input of the last single block, this rank's sequence shard: img ``[B, T+1, F_local, D]`` (frame 0 = the
     reference frame, F_local = the rank's slice of every frame's tokens), txt ``[B, L, D]``."""
@@ -579,7 +568,7 @@ class AvatarDiT(nn.Module):
         if any(b < 0 for b in cfg.adapter_after_double):
             raise ValueError(f"adapter_after_double {cfg.adapter_after_double} must be double-block indices >= 0")
         self.seq = LocalSequence()
-        self._tables: OrderedDict[tuple, ShapeTables] = OrderedDict()
+        self._tables: OrderedDict[tuple, tuple] = OrderedDict()
         self.num_table_builds = 0
         """How many times the shape tables were built (once per new shape; tests and the bench read it)."""
         if dtype is not None:
@@ -654,8 +643,22 @@ class AvatarDiT(nn.Module):
 
         # Positions, key masks (this rank's slice of every frame's tokens).
         tokens_per_frame = grid_h * grid_w
-        tables = self._shape_tables(num_frames, grid_h, grid_w, x.device)
-        rope_cos, rope_sin, img_key_mask = tables.rope_cos, tables.rope_sin, tables.img_key_mask
+
+        def build_tables():  # shape-only: built once per shape, device and sequence rank (``_shape_tables``)
+            cos, sin = rope_table(cfg, num_frames, grid_h, grid_w, device=x.device)
+            return (
+                seq.shard_tokens(cos, num_seq_frames, dim=0),
+                seq.shard_tokens(sin, num_seq_frames, dim=0),
+                seq.padding_key_mask(num_seq_frames, tokens_per_frame, x.device),
+                cos.new_empty((cos.shape[0], 0)),
+            )
+
+        rope_cos, rope_sin, img_key_mask, layout = self._shape_tables(
+            (num_frames, grid_h, grid_w), x.device, build_tables
+        )
+        # The Ulysses sequence learns the token layout from what it shards; a cached step shards nothing else, so
+        # shard the empty stand-in (no data, no copy) to keep it current.
+        seq.shard_tokens(layout, num_seq_frames, dim=0)
         txt_key_mask = torch.arange(num_txt, device=x.device)[None, :] < text_mask.sum(dim=1, keepdim=True)
 
         if cache == "reuse":
@@ -721,31 +724,17 @@ class AvatarDiT(nn.Module):
 
     # --- forward helpers -----------------------------------------------------------------------------------------
 
-    def _shape_tables(self, num_frames: int, grid_h: int, grid_w: int, device: torch.device) -> ShapeTables:
-        """The RoPE rows and padding key mask of this rank for a ``(num_frames+1) × grid_h × grid_w`` token grid,
-        from the per-shape cache (built on ``device`` on a miss)."""
-        seq = self.seq
-        num_seq_frames = num_frames + 1
-        key = (num_frames, grid_h, grid_w, torch.device(device), seq.rank, seq.world)
+    def _shape_tables(self, shape: tuple, device: torch.device, build) -> tuple:
+        """``build()`` (tensors that only the token-grid ``shape`` decides: RoPE rows, masks) from the per-shape cache
+        of the last ``SHAPE_CACHE_SIZE`` shapes, keyed by shape, device and sequence rank/world."""
+        key = (*shape, torch.device(device), self.seq.rank, self.seq.world)
         tables = self._tables.get(key)
         if tables is None:
-            cos, sin = rope_table(self.cfg, num_frames, grid_h, grid_w, device=device)
-            layout = cos.new_empty((cos.shape[0], 0))
-            tables = ShapeTables(
-                rope_cos=seq.shard_tokens(cos, num_seq_frames, dim=0),
-                rope_sin=seq.shard_tokens(sin, num_seq_frames, dim=0),
-                img_key_mask=seq.padding_key_mask(num_seq_frames, grid_h * grid_w, device),
-                layout=layout,
-            )
-            self._tables[key] = tables
+            tables = self._tables[key] = build()
             self.num_table_builds += 1
             while len(self._tables) > SHAPE_CACHE_SIZE:
                 self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
-            # The sequence object learns the token layout from what it shards (the Ulysses token order depends on
-            # it); on a hit nothing else is sharded in a cached step, so shard the empty stand-in (no data, no copy).
-            seq.shard_tokens(tables.layout, num_seq_frames, dim=0)
+        self._tables.move_to_end(key)
         return tables
 
     def _motion(self, embedder, values, default, batch, device) -> torch.Tensor:
