@@ -38,6 +38,7 @@ def build_topology(cfg: RunConfig, env: DistEnv) -> tuple[Topology, Topology]:
         cfg_group=mesh.group(MeshAxis.CFG),
         seq=seq,
         device=env.device,
+        mesh=mesh.mesh,
     )
     if plan.data == 1:
         return job, job

@@ -98,6 +98,9 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.checkpoint_every < 0:
         raise InputError(f"checkpoint_every={cfg.checkpoint_every} is invalid; give 0 (never) or a step count")
     _check_model(m)
+    from avatar.memory.apply import check_placement
+
+    check_placement(cfg)
     if cfg.device == "cuda":
         import torch
 
@@ -276,10 +279,11 @@ def batch_row_done(state, cfg: RunConfig, job) -> bool:
 
 def check_weights(cfg: RunConfig) -> None:
     """Every weights component complete and readable (``avatar.weights.verify``), before any model is built."""
+    from avatar.memory.apply import run_placement
     from avatar.weights.verify import verify_weights
 
     try:
-        problems = verify_weights(cfg.weights, cfg.model, fp8=cfg.fp8, load_key=cfg.load_key)
+        problems = verify_weights(cfg.weights, cfg.model, fp8=run_placement(cfg).fp8, load_key=cfg.load_key)
     except Exception as err:  # noqa: BLE001 - an unreadable file is a bad input, in one line
         detail = " ".join(f"{type(err).__name__}: {err}".split())
         raise InputError(

@@ -578,6 +578,19 @@ class AvatarDiT(nn.Module):
         for block in [*self.double_blocks, *self.single_blocks]:
             block.token_chunk = chunk
 
+    def block_sequence(self) -> list[nn.Module]:
+        """The large submodules in the order a full forward runs them, each once: ``txt_in``, every double block
+        (followed by its audio adapter where one runs), every single block. A cached forward runs only the last.
+        Weight sharding and block offload move the weights unit by unit in this order (``avatar/parallel/fsdp.py``,
+        ``avatar/memory/offload.py``); everything else is small and stays resident."""
+        units: list[nn.Module] = [self.txt_in]
+        for index, block in enumerate(self.double_blocks):
+            units.append(block)
+            if index in self.adapter_index:
+                units.append(self.audio_adapter_blocks[self.adapter_index[index]])
+        units.extend(self.single_blocks)
+        return units
+
     def set_sequence_parallel(self, seq) -> None:
         """Use ``seq`` (``avatar/parallel/base.py`` interface) at the sequence boundaries."""
         self.seq = seq

@@ -33,6 +33,10 @@ class Topology:
     group renders its own rows, and ``rank``/``world`` are this process's place in its group."""
     leader: int = 0
     """Global rank of the group's rank 0 (the one that encodes, writes files and saves checkpoints)."""
+    mesh: object = None
+    """The run's ``DeviceMesh`` over ("data", "cfg", "ring", "ulysses") the groups above come from (None with one
+    process); after a batch's row topology is built it also has the flattened axis "video" (cfg × ring × ulysses,
+    the ranks of one data group)."""
 
     @property
     def is_main(self) -> bool:
