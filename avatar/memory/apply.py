@@ -45,19 +45,24 @@ def check_placement(cfg: RunConfig) -> None:
         )
 
 
-def describe(chosen: Placement) -> str:
-    """One line: the mode and where everything lives."""
+def describe(chosen: Placement, asked: MemoryMode | str | None = None) -> str:
+    """One line: the mode (and the one asked for, when that was another, e.g. ``auto``) and where everything lives."""
+    asked = None if asked is None or MemoryMode(asked) == chosen.mode else MemoryMode(asked)
     parts = [
-        f"memory={chosen.mode}",
+        f"memory={chosen.mode}" + ("" if asked is None else f" (asked: {asked})"),
         "DiT fp8" if chosen.fp8 else "DiT in the run dtype",
         "sharded (FSDP2)" if chosen.shard == Shard.fsdp else "replicated",
-        {Offload.none: "resident", Offload.blocks: "blocks streamed from host", Offload.model: "modules offloaded"}[
-            Offload(chosen.offload)
-        ],
+        _offload_words(chosen),
         "deep cache in host memory" if chosen.cache_on_host else "deep cache on the device",
         "encoders on the CPU" if chosen.encoders_on_cpu else "encoders on the device",
     ]
     return ", ".join(parts)
+
+
+def _offload_words(chosen: Placement) -> str:
+    if chosen.offload == Offload.blocks:
+        return "shards in host memory" if chosen.shard == Shard.fsdp else "blocks streamed from host"
+    return "DiT and VAE offloaded whole" if chosen.offload == Offload.model else "resident"
 
 
 def dit_load_device(chosen: Placement, device: torch.device) -> torch.device:

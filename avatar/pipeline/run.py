@@ -59,7 +59,7 @@ class Renderer:
 
         self.placement = mem.run_placement(cfg)
         if topo.is_main:
-            log.info("memory: %s", mem.describe(self.placement))
+            log.info("memory: %s", mem.describe(self.placement, cfg.memory.mode))
         with self.timer("load_dit"):
             from avatar.weights.load import load_dit
 
