@@ -99,7 +99,7 @@ def place_dit(model: nn.Module, chosen: Placement, topo, token_chunk: int | None
     if chosen.shard == Shard.fsdp:
         from avatar.parallel.fsdp import shard_dit, video_mesh
 
-        mesh = video_mesh(getattr(topo, "mesh", None))
+        mesh = video_mesh(topo.mesh)
         if mesh is None or mesh.size() == 1:
             log.info("memory: shard=fsdp with one rank per video: nothing to shard, the DiT stays whole")
             if chosen.offload == Offload.blocks:

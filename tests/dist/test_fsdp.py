@@ -95,6 +95,8 @@ def worker(rank: int, world: int, weights: str, cases: list):
         held = local_weight_bytes(placed.model)
         assert held < full / shards * 1.2, (held, full, shards)  # each rank holds ~1/shards of the weights
         out[str(case)] = denoise(cfg, placed.model, cond, sampling, topo)
+        # resharded after every forward: no unit is left gathered
+        assert all(isinstance(p, DTensor) for unit in model.block_sequence() for p in unit.parameters())
     return out
 
 
