@@ -78,15 +78,14 @@ def worker(rank: int, world: int, weights: str, cases: list):
 
     from avatar.memory.apply import place_dit, run_placement
     from avatar.parallel.fsdp import local_weight_bytes
-    from launch.dist import DistEnv
-    from launch.topology import build_topology
+    from launch.plan import resolve_plan
 
     out = {}
     for case in cases:
         parallel, fp8 = case[:2]
         cfg, model, cond, sampling = setup(weights, *case)
         full = local_weight_bytes(model)
-        topo, _ = build_topology(cfg, DistEnv(rank=rank, world_size=world))
+        topo, _ = resolve_plan(cfg, world).build_mesh("cpu").topologies(rank, torch.device("cpu"), cfg.attention)
         model.set_sequence_parallel(topo.seq)
         placed = place_dit(model, run_placement(cfg), topo)
         block = placed.model.single_blocks[0].linear1.weight
