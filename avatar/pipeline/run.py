@@ -80,7 +80,8 @@ class Renderer:
             from avatar.models.vae import configure_tiling, load_vae
 
             vae_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-            self.vae = self.dit.offload.park(load_vae(weights / OFFICIAL_VAE_DIR, dtype=vae_dtype, device=self.device))
+            vae_device = torch.device("cpu") if self.dit.offload.enabled else self.device  # offload=model: parked
+            self.vae = load_vae(weights / OFFICIAL_VAE_DIR, dtype=vae_dtype, device=vae_device)
             configure_tiling(self.vae, cfg.model)
         self._encoders = None
         self.host_peak_after_load_mb = peak_host_memory_mb()
