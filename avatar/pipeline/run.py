@@ -70,9 +70,14 @@ class Renderer:
                 device=mem.dit_load_device(self.placement, self.device),
                 fp8=self.placement.fp8,
                 load_key=cfg.load_key,
+                fp8_compute=cfg.fp8_compute,
             )
             model.set_sequence_parallel(topo.seq)
             model.eval()
+            if cfg.compile:
+                from avatar.models.compile import compile_blocks
+
+                log.info("compile=true: %d transformer blocks compiled (regional)", len(compile_blocks(model)))
             self.dit = mem.place_dit(model, self.placement, topo, cfg.memory.token_chunk)
             self.model = self.dit.model
         with self.timer("load_vae"):
@@ -124,12 +129,13 @@ class Renderer:
         return self._encoders
 
     def conditioning(self, job: Job, inputs: Inputs) -> dn.Conditioning:
-        """Stages 2-5 run on rank 0; the result is broadcast to every rank."""
+        """Stages 2-5 run on rank 0; the result is broadcast to every rank (tensors as tensors, see
+        ``Topology.broadcast_fields``)."""
         cond = None
         if self.topo.is_main:
             cond = self._encode(job, inputs)
         with self.timer("broadcast_conditioning"):
-            cond = self.topo.broadcast_object(cond, src=0)
+            cond = self.topo.broadcast_fields(cond, src=0)
         return cond
 
     def _encode(self, job: Job, inputs: Inputs) -> dn.Conditioning:
