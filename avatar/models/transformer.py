@@ -264,8 +264,10 @@ class IndividualTokenRefiner(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([RefinerBlock(dim, num_heads, mlp_hidden) for _ in range(depth)])
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        segments = refiner_segments(mask)
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, segments: list[RefinerSegment] | None = None
+    ) -> torch.Tensor:
+        segments = refiner_segments(mask) if segments is None else segments
         for block in self.blocks:
             x = block(x, c, segments)
         return x
@@ -347,13 +349,16 @@ class SingleTokenRefiner(nn.Module):
         self.c_embedder = TextProjection(in_dim, dim)
         self.individual_token_refiner = IndividualTokenRefiner(dim, num_heads, mlp_hidden, depth)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, segments: list[RefinerSegment] | None = None
+    ) -> torch.Tensor:
+        """``segments``: ``refiner_segments(mask)`` when the caller has them (they need a host read of the mask)."""
         dtype = self.input_embedder.weight.dtype
         mask_float = mask.float().unsqueeze(-1)
         pooled = (x.float() * mask_float).sum(dim=1) / mask_float.sum(dim=1)
         c = self.t_embedder(t) + self.c_embedder(pooled.to(dtype))
         x = self.input_embedder(x.to(dtype))
-        return self.individual_token_refiner(x, c, mask)
+        return self.individual_token_refiner(x, c, mask, segments)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -689,7 +694,8 @@ class AvatarDiT(nn.Module):
         rope_cos, rope_sin = rope_table(cfg, num_frames, grid_h, grid_w)
         rope_cos = seq.shard_tokens(rope_cos.to(x.device), dim=0)
         rope_sin = seq.shard_tokens(rope_sin.to(x.device), dim=0)
-        lengths = JointLengths(num_img=num_img, num_txt=self._text_counts(text_mask))
+        text_counts, refiner_index = self._text_layout(text_mask)
+        lengths = JointLengths(num_img=num_img, num_txt=text_counts)
 
         if cache == "reuse":
             if cached is None:
@@ -716,7 +722,7 @@ class AvatarDiT(nn.Module):
             img = seq.shard_tokens(img)
 
             # 4. Text tokens.
-            txt = self.txt_in(text_states, t, text_mask)
+            txt = self.txt_in(text_states, t, text_mask, refiner_index)
 
             # 5. Face mask per token (zero on the reference frame); audio tokens per sequence frame (zero on the
             # reference frame, whose adapter output the mask zeroes anyway).
@@ -754,15 +760,20 @@ class AvatarDiT(nn.Module):
 
     # --- forward helpers -----------------------------------------------------------------------------------------
 
-    def _text_counts(self, text_mask: torch.Tensor) -> tuple[int, ...]:
-        """Valid text tokens per batch row (``sum(mask)``, the official ``cu_seqlens`` count), read to the host once
-        per mask tensor (the pipeline passes the same masks every step)."""
-        memo = getattr(self, "_text_count_memo", None)
-        if memo is not None and memo[0]() is text_mask and memo[1] == text_mask._version:
-            return memo[2]
-        counts = tuple(int(n) for n in text_mask.sum(dim=1).tolist())
-        self._text_count_memo = (weakref.ref(text_mask), text_mask._version, counts)
-        return counts
+    def _text_layout(self, text_mask: torch.Tensor) -> tuple[tuple[int, ...], list[RefinerSegment]]:
+        """``(valid text tokens per batch row, refiner_segments(text_mask))``: the count is ``sum(mask)``, the official
+        ``cu_seqlens`` count. Read to the host once per mask tensor (the pipeline passes the same few masks every step;
+        a mask changed in place is read again)."""
+        memo = self.__dict__.setdefault("_text_layout_memo", {})
+        key = id(text_mask)
+        hit = memo.get(key)
+        if hit is not None and hit[0]() is text_mask and hit[1] == text_mask._version:
+            return hit[2]
+        layout = (tuple(int(n) for n in text_mask.sum(dim=1).tolist()), refiner_segments(text_mask))
+        for stale in [k for k, entry in memo.items() if entry[0]() is None]:
+            del memo[stale]
+        memo[key] = (weakref.ref(text_mask), text_mask._version, layout)
+        return layout
 
     def _audio_adapter(self, adapter, img, frame_audio, token_range, tokens_per_frame) -> torch.Tensor:
         """``adapter`` on this rank's image tokens ``[B, S, D]``, each token with its frame's audio tokens
