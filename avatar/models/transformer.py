@@ -334,8 +334,7 @@ def refiner_attention(q, k, v, segments: list[RefinerSegment]) -> torch.Tensor:
             part[:, seg.queries] = attention(
                 rows_q.index_select(1, seg.queries), rows_k.index_select(1, seg.keys), rows_v.index_select(1, seg.keys)
             )
-        part[:, seg.others] = rows_v[:, :1].expand(-1, seg.others.numel(), -1, -1)
-        out[seg.rows] = part
+        part[:, seg.others] = rows_v[:, :1].expand(-1, seg.others.numel(), -1, -1)  # part is a view of out
     return out
 
 
