@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from avatar.attention import attention
 from avatar.config import FPS, OFFICIAL_MOTION_EXP, OFFICIAL_MOTION_POSE, ModelConfig
@@ -763,6 +764,10 @@ class AvatarDiT(nn.Module):
         """``(valid text tokens per batch row, refiner_segments(text_mask))``: the count is ``sum(mask)``, the official
         ``cu_seqlens`` count. Read to the host once per mask tensor (the pipeline passes the same few masks every step;
         a mask changed in place is read again)."""
+        if text_mask.device.type == "meta" or is_fake(text_mask):
+            # No values to read (the memory model's fake forward): every text token valid, the largest layout.
+            batch, num_txt = text_mask.shape
+            return (num_txt,) * batch, [RefinerSegment(slice(None), None, None, None)]
         memo = self.__dict__.setdefault("_text_layout_memo", {})
         key = id(text_mask)
         hit = memo.get(key)
