@@ -1,8 +1,9 @@
 """No attention kernel gets a mask on the default path: every SDPA call of the tiny DiT (text refiner, double and
 single blocks, the padded-text segment, a cached step) is recorded at the ``torch.nn.functional`` level (a
 ``TorchFunctionMode``) and at the ATen level (a ``TorchDispatchMode``: the kernels SDPA lowers to and the ones Ring
-calls directly), with padded text and a refiner mask with holes, for the default 1-, 2- and 4-rank plans (and Ring /
-USP layouts on the same ranks). One process runs the whole denoise loop (CFG, deep cache) under the recorder.
+calls directly), with padded text and a refiner mask with holes, for the default 1-, 2- and 4-rank plans and a USP
+layout (Ring with a padded last block). One spawn of 4 ranks (the 2-rank default plan runs as its two data-parallel
+replicas: data 2 × the 2-rank degrees); one process runs the whole denoise loop (CFG, deep cache) under the recorder.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def forward_worker(rank: int, world: int, layouts: list) -> dict:
     for layout in layouts:
         if layout == "default":
             plan = ParallelPlan.resolve(ParallelConfig(), world, HEADS)
+        elif layout == "default of 2 ranks":
+            two = ParallelPlan.resolve(ParallelConfig(), 2, HEADS).degrees()
+            plan = ParallelPlan(**{**two, "data": world // 2}, world_size=world, num_heads=HEADS)
         else:
             cfg, ring, ulysses = layout
             plan = ParallelPlan(cfg=cfg, ring=ring, ulysses=ulysses, world_size=world, num_heads=HEADS)
@@ -99,8 +103,8 @@ def assert_mask_free(functions: list[bool], kernels: list[tuple[str, bool]], whe
     assert not masked, f"{where}: kernels called with a mask: {sorted(set(masked))}"
 
 
-@pytest.mark.timeout(240)
-def test_default_plans_on_two_and_four_ranks_call_sdpa_without_a_mask():
+@pytest.mark.timeout(150)
+def test_default_plans_of_two_and_four_ranks_and_usp_call_sdpa_without_a_mask():
     from avatar.parallel.base import LocalSequence
     from tests.dist.test_sequence_parallel import tiny_dit
 
@@ -109,17 +113,17 @@ def test_default_plans_on_two_and_four_ranks_call_sdpa_without_a_mask():
         velocity, cached = model(**holed_inputs(inputs), cache="store")
         reference = (velocity, model(**holed_inputs(inputs), cache="reuse", cached=cached))
     model.set_sequence_parallel(LocalSequence())
-    for world, layouts in ((2, ["default", (1, 2, 1)]), (4, ["default", (1, 2, 2), (1, 4, 1)])):
-        results = spawn(world, forward_worker, layouts, timeout=110)
-        for rank, result in enumerate(results):
-            for layout, got in result.items():
-                where = f"world {world} {layout} {got['plan']} rank {rank}"
-                if layout == "default":
-                    assert got["plan"]["cfg"] == 2, where  # the default plans split the guidance branches
-                assert_mask_free(got["functions"], got["kernels"], where)
-                for value, want in zip(got["outputs"], reference):
-                    err = (value - want).abs().max() / want.abs().max()
-                    assert err < 1e-5, f"{where}: rel err {err:.2e}"
+    world, layouts = 4, ["default", "default of 2 ranks", (1, 2, 2)]
+    results = spawn(world, forward_worker, layouts, timeout=140)
+    assert results[0]["default"]["plan"] == {"data": 1, "cfg": 2, "ring": 1, "ulysses": 2}
+    assert results[0]["default of 2 ranks"]["plan"] == {"data": 2, "cfg": 2, "ring": 1, "ulysses": 1}
+    for rank, result in enumerate(results):
+        for layout, got in result.items():
+            where = f"world {world} {layout} {got['plan']} rank {rank}"
+            assert_mask_free(got["functions"], got["kernels"], where)
+            for value, want in zip(got["outputs"], reference):
+                err = (value - want).abs().max() / want.abs().max()
+                assert err < 1e-5, f"{where}: rel err {err:.2e}"
 
 
 @pytest.mark.timeout(120)
