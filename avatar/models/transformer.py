@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,11 @@ AUDIO_FRAMES_PER_LATENT = 4
 #: Frame rate fed to fps_proj (the one frame rate, ``avatar.config.FPS``).
 DEFAULT_FPS = float(FPS)
 NORM_EPS = 1e-6
+
+
+#: Token-grid shapes whose tables a model keeps (least recently used dropped first): a run sees one or two window
+#: shapes, a server a few resolutions.
+SHAPE_CACHE_SIZE = 4
 
 
 @dataclass
@@ -69,22 +75,26 @@ def gate(x: torch.Tensor, gate_values: torch.Tensor) -> torch.Tensor:
     return x * gate_values.unsqueeze(1)
 
 
-def rope_table(cfg: ModelConfig, num_frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE ``(cos, sin)``, each ``[(num_frames+1)·height·width, head_dim]`` fp32, for a token grid of
-    ``num_frames`` video frames preceded by the reference frame at t = −1 (``height``/``width`` in tokens).
+def rope_table(
+    cfg: ModelConfig, num_frames: int, height: int, width: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE ``(cos, sin)``, each ``[(num_frames+1)·height·width, head_dim]`` fp32 on ``device`` (default CPU), for a
+    token grid of ``num_frames`` video frames preceded by the reference frame at t = −1 (``height``/``width`` in
+    tokens).
 
     Per axis (t, h, w) with ``dim`` = cfg.rope_axes[i]: angle = pos · θ^(−2k/dim), k < dim/2, each angle repeated
     twice (interleaved pairs); the three axes are concatenated."""
     positions = (
-        torch.arange(-1, num_frames, dtype=torch.float32),
-        torch.arange(height, dtype=torch.float32),
-        torch.arange(width, dtype=torch.float32),
+        torch.arange(-1, num_frames, dtype=torch.float32, device=device),
+        torch.arange(height, dtype=torch.float32, device=device),
+        torch.arange(width, dtype=torch.float32, device=device),
     )
     grid = torch.meshgrid(*positions, indexing="ij")
     cos_parts, sin_parts = [], []
     for axis_dim, axis_pos in zip(cfg.rope_axes, grid):
         inv_freq = 1.0 / (
-            cfg.rope_theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float32)[: axis_dim // 2] / axis_dim)
+            cfg.rope_theta
+            ** (torch.arange(0, axis_dim, 2, dtype=torch.float32, device=device)[: axis_dim // 2] / axis_dim)
         )
         angles = torch.outer(axis_pos.reshape(-1), inv_freq)
         cos_parts.append(angles.cos().repeat_interleave(2, dim=1))
@@ -502,8 +512,9 @@ class SingleStreamBlock(nn.Module):
         q = k = v = None
         for start, stop in ranges:
             part = linear_rows(self.linear1, self._modulated(x, start, stop, shift, scale), 0, 3 * self.dim)
-            if q is None:
-                q, k, v = (part.new_empty((x.shape[0], x.shape[1], self.dim)) for _ in range(3))
+            if q is None:  # (no generator here: it would make ``part`` a closure cell, which torch.compile cannot del)
+                shape = (x.shape[0], x.shape[1], self.dim)
+                q, k, v = part.new_empty(shape), part.new_empty(shape), part.new_empty(shape)
             for buffer, rows in zip((q, k, v), part.chunk(3, dim=-1)):
                 buffer[:, start:stop] = rows
             del part, rows
@@ -619,6 +630,9 @@ class AvatarDiT(nn.Module):
         if any(b < 0 for b in cfg.adapter_after_double):
             raise ValueError(f"adapter_after_double {cfg.adapter_after_double} must be double-block indices >= 0")
         self.seq = LocalSequence()
+        self._tables: OrderedDict[tuple, tuple] = OrderedDict()
+        self.num_table_builds = 0
+        """How many times the shape tables were built (once per new shape; tests and the bench read it)."""
         if dtype is not None:
             self.to_dtype(dtype)
 
@@ -643,6 +657,7 @@ class AvatarDiT(nn.Module):
     def set_sequence_parallel(self, seq) -> None:
         """Use ``seq`` (``avatar/parallel/base.py`` interface) at the sequence boundaries."""
         self.seq = seq
+        self._tables.clear()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -691,9 +706,12 @@ class AvatarDiT(nn.Module):
         # Positions (this rank's contiguous slice of the token sequence) and the host-known attention lengths.
         tokens_per_frame = grid_h * grid_w
         num_img = num_seq_frames * tokens_per_frame
-        rope_cos, rope_sin = rope_table(cfg, num_frames, grid_h, grid_w)
-        rope_cos = seq.shard_tokens(rope_cos.to(x.device), dim=0)
-        rope_sin = seq.shard_tokens(rope_sin.to(x.device), dim=0)
+
+        def build_tables():  # shape-only: built once per shape, device and sequence rank (``_shape_tables``)
+            cos, sin = rope_table(cfg, num_frames, grid_h, grid_w, device=x.device)
+            return seq.shard_tokens(cos, dim=0), seq.shard_tokens(sin, dim=0)
+
+        rope_cos, rope_sin = self._shape_tables((num_frames, grid_h, grid_w), x.device, build_tables)
         text_counts, refiner_index = self._text_layout(text_mask)
         lengths = JointLengths(num_img=num_img, num_txt=text_counts)
 
@@ -795,6 +813,19 @@ class AvatarDiT(nn.Module):
         if video.shape[1] > stop - start:
             parts.append(video.new_zeros((video.shape[0], video.shape[1] - (stop - start), video.shape[2])))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _shape_tables(self, shape: tuple, device: torch.device, build) -> tuple:
+        """``build()`` (tensors that only the token-grid ``shape`` decides: RoPE rows, masks) from the per-shape cache
+        of the last ``SHAPE_CACHE_SIZE`` shapes, keyed by shape, device and sequence rank/world."""
+        key = (*shape, torch.device(device), self.seq.rank, self.seq.world)
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = self._tables[key] = build()
+            self.num_table_builds += 1
+            while len(self._tables) > SHAPE_CACHE_SIZE:
+                self._tables.popitem(last=False)
+        self._tables.move_to_end(key)
+        return tables
 
     def _motion(self, embedder, values, default, batch, device) -> torch.Tensor:
         """Embed ``values`` ``[B, 4]`` (default: the config constant) to ``[B, D]``."""

@@ -59,10 +59,20 @@ class Renderer:
             from avatar.weights.load import load_dit
 
             self.model = load_dit(
-                weights, cfg.model, dtype=self.dtype, device=self.device, fp8=cfg.fp8, load_key=cfg.load_key
+                weights,
+                cfg.model,
+                dtype=self.dtype,
+                device=self.device,
+                fp8=cfg.fp8,
+                load_key=cfg.load_key,
+                fp8_compute=cfg.fp8_compute,
             )
             self.model.set_sequence_parallel(topo.seq)
             self.model.eval()
+            if cfg.compile:
+                from avatar.models.compile import compile_blocks
+
+                log.info("compile=true: %d transformer blocks compiled (regional)", len(compile_blocks(self.model)))
         with self.timer("load_vae"):
             from avatar.config import OFFICIAL_VAE_DIR
             from avatar.models.vae import configure_tiling, load_vae
@@ -110,12 +120,13 @@ class Renderer:
         return self._encoders
 
     def conditioning(self, job: Job, inputs: Inputs) -> dn.Conditioning:
-        """Stages 2-5 run on rank 0; the result is broadcast to every rank."""
+        """Stages 2-5 run on rank 0; the result is broadcast to every rank (tensors as tensors, see
+        ``Topology.broadcast_fields``)."""
         cond = None
         if self.topo.is_main:
             cond = self._encode(job, inputs)
         with self.timer("broadcast_conditioning"):
-            cond = self.topo.broadcast_object(cond, src=0)
+            cond = self.topo.broadcast_fields(cond, src=0)
         return cond
 
     def _encode(self, job: Job, inputs: Inputs) -> dn.Conditioning:
@@ -295,8 +306,8 @@ class Renderer:
             log.info(
                 "wrote %s (%d frames, %.1f s) in %.1f s",
                 job.output,
-                inputs.num_frames,
-                inputs.num_frames / FPS,
+                writer.frames_written,
+                writer.frames_written / FPS,
                 report["seconds_total"],
             )
         topo.barrier()

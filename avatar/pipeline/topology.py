@@ -1,13 +1,15 @@
 """Who does what: the pipeline's view of the parallel plan.
 
-``Topology`` is built once from the ``ParallelPlan`` (``launch/generate.py``) and handed to every stage. It holds the
-process groups of the data and CFG axes, the sequence-parallel boundary object for the model, and the few
-exchanges the pipeline needs. With one process every group is None and every exchange is the identity.
+``Topology`` is built once from the ``ParallelPlan``'s device mesh (``ParallelMesh.topologies`` in
+``launch/plan.py``) and handed to every stage. It holds the process groups of the data and CFG axes and of the
+ranks rendering together, all taken from that one mesh, the mesh itself, the sequence-parallel boundary object for
+the model, and the few exchanges the pipeline needs. With one process every group is None and every exchange is the
+identity.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,10 @@ class Topology:
     group renders its own rows, and ``rank``/``world`` are this process's place in its group."""
     leader: int = 0
     """Global rank of the group's rank 0 (the one that encodes, writes files and saves checkpoints)."""
+    mesh: object = None
+    """The run's ``DeviceMesh`` over ("data", "cfg", "ring", "ulysses") the groups above come from (None with one
+    process); after a batch's row topology is built it also has the flattened axis "video" (cfg × ring × ulysses,
+    the ranks of one data group)."""
 
     @property
     def is_main(self) -> bool:
@@ -49,6 +55,22 @@ class Topology:
         if not self.distributed:
             return obj
         return comm.broadcast_object(obj, src=self.leader + src, group=self.group, device=self.device)
+
+    def broadcast_fields(self, obj, src: int = 0):
+        """Send a dataclass instance from rank ``src`` of the group to every rank of it: its tensor fields as tensors
+        (``comm.broadcast_tensors``, one collective per dtype), only the class and the other fields pickled.
+        Elsewhere the tensors arrive on the group's device (CPU under gloo); on ``src`` ``obj`` itself is returned."""
+        if not self.distributed:
+            return obj
+        tensors = meta = None
+        if self.rank == src:
+            values = {f.name: getattr(obj, f.name) for f in fields(obj)}
+            tensors = {name: v for name, v in values.items() if isinstance(v, torch.Tensor)}
+            meta = (type(obj), {name: v for name, v in values.items() if name not in tensors})
+        tensors, (cls, rest) = comm.broadcast_tensors(
+            tensors, src=self.leader + src, group=self.group, device=self.device, meta=meta
+        )
+        return obj if self.rank == src else cls(**tensors, **rest)
 
     def all_gather_cfg(self, branch: torch.Tensor) -> torch.Tensor:
         """CFG-parallel: each half holds one branch ``[1, ...]``; return ``[2, ...]`` ordered (uncond, cond)."""

@@ -6,6 +6,11 @@ Nothing else in the project imports xfuser or yunchang; both are imported lazily
 an accelerator) and has no padding, so it supports only image token counts divisible by the sequence-parallel world.
 Text lengths are host-known (``JointLengths``): it gets exactly the valid text tokens, the padded ones attend in
 their own segment. Our own backend, ``attention.backend=native``, has no such limit.
+
+The token-count rule is checked before any model is built: ``xfuser_token_problem`` is a pure function that
+``launch.validate`` calls for every job (the bucketed image size and the window give the count that is sharded, the
+image tokens of one window's sequence; the plan gives ring·ulysses); ``XfuserSequence.shard_tokens`` keeps the same
+check as a guard for direct library callers.
 """
 
 from __future__ import annotations
@@ -18,6 +23,25 @@ import torch.distributed as dist
 from avatar.parallel.sequence import DistributedSequence
 
 logger = logging.getLogger(__name__)
+
+#: Sequence-parallel degrees listed as valid alternatives in ``xfuser_token_problem``'s message (at most).
+MAX_LISTED_DEGREE = 64
+
+
+def xfuser_token_problem(num_tokens: int, sequence_degree: int, counted: str = "tokens per frame") -> str | None:
+    """Why ``attention.backend=xfuser`` (no padding) cannot shard ``num_tokens`` (``counted``: what they are) over
+    ``sequence_degree`` (= ring·ulysses) ranks, in one line naming both and what is valid; None when it can (or with
+    no sequence parallelism). Pure: no xfuser import, no process group."""
+    if sequence_degree <= 1 or num_tokens % sequence_degree == 0:
+        return None
+    valid = [d for d in range(1, min(num_tokens, MAX_LISTED_DEGREE) + 1) if num_tokens % d == 0]
+    return (
+        f"attention.backend=xfuser needs the {counted} ({num_tokens}) divisible by the sequence-parallel degree "
+        f"ring·ulysses={sequence_degree}; valid degrees: {', '.join(map(str, valid))} (set "
+        "parallel.ring/parallel.ulysses, or another model.image_size), or use attention.backend=native, which pads "
+        "instead"
+    )
+
 
 UNAVAILABLE = (
     "attention.backend=xfuser cannot run here: {reason}. Use attention.backend=native (our Ulysses/Ring on "
@@ -74,11 +98,9 @@ class XfuserSequence(DistributedSequence):
         return f"XfuserSequence(ring={self.ring_size}, ulysses={self.ulysses_size})"
 
     def shard_tokens(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        if x.shape[dim] % self.world != 0:
-            raise ValueError(
-                f"attention.backend=xfuser needs the image tokens ({x.shape[dim]}) divisible by the "
-                f"sequence-parallel world ({self.world}); attention.backend=native pads the last rank instead"
-            )
+        problem = xfuser_token_problem(x.shape[dim], self.world, "image tokens")
+        if problem is not None:
+            raise ValueError(problem)
         return super().shard_tokens(x, dim)
 
     def _joint(self, img_q, img_k, img_v, txt_q, txt_k, txt_v, num_img: int):
