@@ -85,7 +85,7 @@ def test_server_uploads_are_checked_against_the_plan(tmp_path):
             with TestClient(create_app(cfg, store, sequence_degree=degree)) as client:
                 files = {"image": ("f.jpg", io.BytesIO(portrait)), "audio": ("a.wav", io.BytesIO(speech.getvalue()))}
                 replies[degree] = client.post("/v1/videos", files=files, headers={"Authorization": "Bearer k"})
-        assert replies[3].status_code == 400 and "tokens per frame (64)" in replies[3].json()["error"]
+        assert replies[3].status_code == 400 and "image tokens (640)" in replies[3].json()["error"]
         assert "ring·ulysses=3" in replies[3].json()["error"]
         assert replies[4].status_code == 202, replies[4].text
     finally:
