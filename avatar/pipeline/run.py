@@ -112,34 +112,41 @@ class Renderer:
         weights = Path(cfg.weights)
         with self.timer("memory_plan"):
             self.memory = preflight(cfg, topo, geometry)
+        from avatar.memory import apply as mem
+
+        self.placement = mem.run_placement(cfg, self.memory.mode)
+        if topo.is_main:
+            log.info("memory: %s", mem.describe(self.placement, cfg.memory.mode))
         with self.timer("load_dit"):
             from avatar.weights.load import load_dit
 
-            self.model = load_dit(
+            model = load_dit(
                 weights,
                 cfg.model,
                 dtype=self.dtype,
-                device=self.device,
-                fp8=cfg.fp8,
+                device=mem.dit_load_device(self.placement, self.device),
+                fp8=self.placement.fp8,
                 load_key=cfg.load_key,
                 fp8_compute=cfg.fp8_compute,
             )
-            self.model.set_sequence_parallel(topo.seq)
-            self.model.set_token_chunk(cfg.memory.token_chunk or None)
-            self.model.eval()
+            model.set_sequence_parallel(topo.seq)
+            model.eval()
             if cfg.compile:
                 from avatar.models.compile import compile_blocks
 
-                log.info("compile=true: %d transformer blocks compiled (regional)", len(compile_blocks(self.model)))
+                log.info("compile=true: %d transformer blocks compiled (regional)", len(compile_blocks(model)))
+            self.dit = mem.place_dit(model, self.placement, topo, cfg.memory.token_chunk)
+            self.model = self.dit.model
         with self.timer("load_vae"):
             from avatar.config import OFFICIAL_VAE_DIR
             from avatar.models.vae import configure_tiling, load_vae
 
             vae_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-            self.vae = load_vae(weights / OFFICIAL_VAE_DIR, dtype=vae_dtype, device=self.device)
+            vae_device = torch.device("cpu") if self.dit.offload.enabled else self.device  # offload=model: parked
+            self.vae = load_vae(weights / OFFICIAL_VAE_DIR, dtype=vae_dtype, device=vae_device)
             from avatar.memory.modes import tiled_model
 
-            configure_tiling(self.vae, tiled_model(cfg.model, self.memory.placement))
+            configure_tiling(self.vae, tiled_model(cfg.model, self.placement))
         self._encoders = None
         self.host_peak_after_load_mb = peak_host_memory_mb()
 
@@ -183,7 +190,9 @@ class Renderer:
     @property
     def encoder_device(self) -> torch.device:
         """Where the encoders run: the CPU with ``Placement.encoders_on_cpu``, else this rank's device."""
-        return torch.device("cpu") if self.memory.placement.encoders_on_cpu else self.device
+        from avatar.memory.apply import encoder_device
+
+        return encoder_device(self.placement, self.device)
 
     def release_encoders(self) -> None:
         """Move the encoders off the GPU (to the CPU, kept loaded for the next job), so that they never sit beside
@@ -238,7 +247,8 @@ class Renderer:
             generator = (
                 torch.Generator(device="cpu").manual_seed(job.seed + 1) if cfg.sampling.reference_sample else None
             )
-            ref = encode_reference(self.vae, pixels, generator)
+            with self.dit.offload.onload(self.vae):
+                ref = encode_reference(self.vae, pixels, generator)
         return dn.Conditioning(
             audio_feats=audio_feats.float().cpu(),
             face_mask=mask.float().cpu(),
@@ -399,8 +409,8 @@ class Renderer:
         if strategy.name == "segments":
             return self._render_segments(job, strategy, noise, velocity, writer, inputs, resume)
         start_step, latents = resume.load(noise.shape)
-        cache = dn.new_cache(velocity.sampling, strategy.domain)
-        with self.timer("denoise"):
+        cache = dn.new_cache(velocity.sampling, strategy.domain, host=self.placement.cache_on_host)
+        with self.timer("denoise"), self.dit.offload.onload(self.model):
             latents = dn.denoise_lockstep(
                 strategy, velocity, noise, cache, on_step=resume.on_step, start_step=start_step, latents=latents
             )
@@ -480,8 +490,8 @@ class Renderer:
                         mine[i] = (
                             resumed.to(self.device) if resumed is not None else noise[:, :, start : start + window]
                         )
-                caches = {i: dn.new_cache(sampling, window) for i in mine}
-                with self.timer("denoise"):
+                caches = {i: dn.new_cache(sampling, window, host=self.placement.cache_on_host) for i in mine}
+                with self.timer("denoise"), self.dit.offload.onload(self.model):
                     for step in dn.steps_range(min(starts.values()), sampling.steps, topo):
                         for i in mine:
                             if step >= starts[i]:
@@ -518,9 +528,10 @@ class Renderer:
         from avatar.models.vae import to_vae_space
         from avatar.pipeline.decode import distributed_decode_frames
 
-        for frames in distributed_decode_frames(self.vae, to_vae_space(self.vae, latents), self.topo):
-            if self.topo.is_main:
-                yield to_uint8(frames)
+        with self.dit.offload.onload(self.vae):
+            for frames in distributed_decode_frames(self.vae, to_vae_space(self.vae, latents), self.topo):
+                if self.topo.is_main:
+                    yield to_uint8(frames)
 
     # --- reports ------------------------------------------------------------------------------------------------------
 
