@@ -16,10 +16,23 @@ from avatar.pipeline.job import Inputs, Job, config_dict, peak_host_memory_mb
 
 
 def build_report(
-    cfg, topo, job: Job, inputs: Inputs, strategy, stats, seams, timer, comm, seconds: float, face_found: bool, ranks
+    cfg,
+    topo,
+    job: Job,
+    inputs: Inputs,
+    strategy,
+    stats,
+    seams,
+    timer,
+    comm,
+    seconds: float,
+    face_found: bool,
+    ranks,
+    decode: dict | None = None,
 ) -> dict:
     """``comm``: the ``CommStats`` counted over this render (this rank's collectives); ``ranks``: every rank's
-    device and peak memory (``device_info``), in rank order."""
+    device and peak memory (``device_info``), in rank order; ``decode``: the decode's pieces per rank
+    (``DecodeStats.as_dict``)."""
     import diffusers
     import transformers
 
@@ -55,6 +68,7 @@ def build_report(
         },
         "ranks": ranks,
         "denoise": asdict(stats),
+        "decode": decode,
         "communication": {name: {"calls": c, "bytes": b} for name, (c, b) in comm.snapshot().items()},
         "seams": seams,
         "timings_seconds": {k: round(v, 3) for k, v in timer.seconds.items()},

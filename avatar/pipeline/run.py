@@ -4,7 +4,7 @@ reference latents → denoise → decode → write video and mux audio.
 ``Renderer`` holds the models (loaded once per launch) and the order of the stages; it renders jobs (one video
 each). Encoders run on rank 0 only and their outputs are broadcast; the DiT runs on every rank under the plan, with
 the long-audio strategy object (``avatar/pipeline/strategies.py``) deciding the windows and the denoise loops of
-``avatar/pipeline/denoise.py`` stepping them; the VAE decode is split over all ranks by temporal tiles and rank 0
+``avatar/pipeline/denoise.py`` stepping them; the VAE decode is split over all ranks by temporal and spatial tiles and rank 0
 assembles and streams the frames into ffmpeg. Job/input contracts live in ``job.py``, the report in ``report.py``.
 """
 
@@ -71,6 +71,7 @@ class Renderer:
             self.vae = load_vae(weights / OFFICIAL_VAE_DIR, dtype=vae_dtype, device=self.device)
             configure_tiling(self.vae, cfg.model)
         self._encoders = None
+        self.decode_stats = None
         self.host_peak_after_load_mb = peak_host_memory_mb()
 
     # --- stages 2-5 on rank 0 -------------------------------------------------------------------------------------
@@ -177,6 +178,9 @@ class Renderer:
         cfg, topo = self.cfg, self.topo
         start = time.perf_counter()
         self.timer = StageTimer()
+        from avatar.pipeline.decode import DecodeStats
+
+        self.decode_stats = DecodeStats(world=topo.world)
         with self.timer("inputs"):
             inputs = load_inputs(cfg, job.image, job.audio)
         cond = self.conditioning(job, inputs)
@@ -268,6 +272,7 @@ class Renderer:
                     elapsed,
                     cond.face_found,
                     ranks,
+                    decode=self.decode_stats.as_dict(),
                 )
                 from avatar.io.atomic import atomic_write_json
 
@@ -332,7 +337,7 @@ class Renderer:
     # --- decode -----------------------------------------------------------------------------------------------------
 
     def _decode_to_writer(self, latents: torch.Tensor, num_frames: int, writer, boundaries: list[int]):
-        """Decode ``latents`` split over all ranks by temporal tiles; rank 0 streams uint8 frames into the writer.
+        """Decode ``latents`` split over all ranks by temporal and spatial tiles; rank 0 streams uint8 frames into the writer.
         Returns the seam report (rank 0)."""
         from avatar.pipeline.seams import SeamMeter
 
@@ -428,7 +433,8 @@ class Renderer:
         from avatar.models.vae import to_vae_space
         from avatar.pipeline.decode import distributed_decode_frames
 
-        for frames in distributed_decode_frames(self.vae, to_vae_space(self.vae, latents), self.topo):
+        stats = self.decode_stats
+        for frames in distributed_decode_frames(self.vae, to_vae_space(self.vae, latents), self.topo, stats):
             if self.topo.is_main:
                 yield to_uint8(frames)
 
