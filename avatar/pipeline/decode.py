@@ -133,6 +133,7 @@ class DecodeStats:
     spatial_tiles: int = 0
     tiles_per_rank: list[int] = field(default_factory=list)
     load_per_rank: list[int] = field(default_factory=list)
+    plans: list[DecodePlan] = field(default_factory=list)
 
     def add(self, plan: DecodePlan) -> None:
         if not self.tiles_per_rank:
@@ -140,6 +141,7 @@ class DecodeStats:
             self.tiles_per_rank = [0] * plan.world
             self.load_per_rank = [0] * plan.world
         self.decodes += 1
+        self.plans.append(plan)
         self.rounds += len(plan.rounds)
         self.temporal_tiles += len(plan.tiles)
         self.spatial_tiles = len(plan.spatial.tiles)

@@ -34,12 +34,15 @@ from avatar.pipeline.job import (
     to_uint8,
     with_steps,
 )
-from avatar.pipeline.report import build_report, device_info
+from avatar.pipeline.report import build_report, device_info, run_flops
 from avatar.pipeline.resume import Resume, job_state
 from avatar.pipeline.topology import Topology
 from avatar.progress import format_seconds, progress
 
 log = logging.getLogger(__name__)
+
+#: The encoder stages (rank 0, once per job) whose FLOPs are counted as they run (the report's ``flops``).
+ENCODER_STAGES = frozenset({"audio_features", "face_mask", "text_conditioning", "reference_latents"})
 
 
 # --- the renderer -------------------------------------------------------------------------------------------------
@@ -177,7 +180,7 @@ class Renderer:
         fills with the uint8 ``[n, H, W, 3]`` chunks it writes into the video (the Python API's result)."""
         cfg, topo = self.cfg, self.topo
         start = time.perf_counter()
-        self.timer = StageTimer()
+        self.timer = StageTimer(count_flops=ENCODER_STAGES)
         from avatar.pipeline.decode import DecodeStats
 
         self.decode_stats = DecodeStats(world=topo.world)
@@ -273,6 +276,7 @@ class Renderer:
                     cond.face_found,
                     ranks,
                     decode=self.decode_stats.as_dict(),
+                    flops=run_flops(cfg, topo, strategy, stats, inputs, self.timer, self.decode_stats, self.vae),
                 )
                 from avatar.io.atomic import atomic_write_json
 

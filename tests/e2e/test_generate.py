@@ -55,6 +55,11 @@ def test_run_report_records_config_plan_hashes_timings_and_windows(single):
     assert report["denoise"]["windows"] and report["peak_host_memory_mb"] > 0
     decode = report["decode"]
     assert decode["tiles_per_rank"] == [decode["temporal_tiles"] * decode["spatial_tiles_per_temporal_tile"]]
+    flops = report["flops"]["stages"]  # the FLOP model: every stage does work, a full step more than a cached one
+    assert all(flops[stage]["flops"] > 0 for stage in ("encoders", "dit", "decode")), flops
+    assert flops["dit"]["full_step_forward"] > flops["dit"]["cached_step_forward"] > 0
+    assert set(flops["encoders"]["per_stage"]) >= {"audio_features", "text_conditioning", "reference_latents"}
+    assert report["flops"]["total"] == sum(flops[stage]["flops"] for stage in ("encoders", "dit", "decode"))
     assert set(report["versions"]) >= {"torch", "diffusers", "transformers"}
 
 
