@@ -27,7 +27,7 @@ def test_official_geometry_is_diffusers_tiles():
 
 
 @pytest.mark.parametrize("size", [(704, 704), (704, 768)])
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 6, 7, 8, 16])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 6, 7, 8, 16, 24])
 def test_every_rank_decodes_with_balanced_work(size, world):
     plan = official_plan(*size, 129, world)
     dealt = [(p.tile, p.spatial) for pieces in plan.pieces for p in pieces]
@@ -39,8 +39,10 @@ def test_every_rank_decodes_with_balanced_work(size, world):
     # ranks rarely wait for each other at a round's gather
     assert plan.round_efficiency() >= 0.85
     assert sum(plan.tiles_per_rank()) == 48
-    if world == 8:
+    if world <= 8:
         assert plan.balance() <= 1.1
+    if world <= 16:
+        assert plan.balance() <= 1.15
 
 
 def test_rounds_stay_bounded_for_long_videos():
