@@ -7,8 +7,8 @@
    attention kernels it ran;
 3. the peak GPU memory of that forward against the memory model's prediction
    (``avatar.memory.measure.dit_activation_bytes`` + weights + inputs);
-4. fp8 compute and compile parity (``avatar.perf.fp8_compute_parity`` / ``compile_parity`` where this checkout has
-   them).
+4. fp8 compute and compile parity and the host syncs of a warm forward (``avatar.perf.fp8_compute_parity`` /
+   ``compile_parity`` / ``forward_host_syncs`` where this checkout has them).
 
 Every section is guarded: a missing piece or a failure is recorded and the others still run. Results go to stdout
 and, when ``$OUT`` is set, to ``$OUT/gpu_check.json`` and ``$OUT/gpu_check.md``. Exit 0 when every check that ran
@@ -236,7 +236,25 @@ def check_compile(result: dict) -> None:
         raise AssertionError(f"compile parity failed: {out}")
 
 
-CHECKS = {"attention": check_attention, "forward": check_forward, "fp8": check_fp8, "compile": check_compile}
+def check_syncs(result: dict) -> None:
+    from avatar.memory.measure import measured_config
+
+    find = _perf("forward_host_syncs")
+    cfg, _, _ = real_shape()
+    first = find(measured_config(cfg), device="cuda", num_frames=9, height=44, width=48)
+    result["host_syncs"] = {"first_sync": first, "ok": first is None}
+    log(f"host syncs: {'none in a warm forward and a cached step' if first is None else 'FAILED: ' + first}")
+    if first is not None:
+        raise AssertionError(f"the forward synchronises with the host: {first}")
+
+
+CHECKS = {
+    "attention": check_attention,
+    "forward": check_forward,
+    "fp8": check_fp8,
+    "compile": check_compile,
+    "syncs": check_syncs,
+}
 
 
 def markdown(result: dict) -> str:
