@@ -26,8 +26,13 @@ from pathlib import Path
 
 import torch
 
+#: What the check runs: the official model at a 704×768 × 129-frame window on the GPU.
+MODEL = "hunyuan_avatar"
+DEVICE = "cuda"
 FRAMES = 129
 HEIGHT, WIDTH = 704, 768
+#: The small token grid (latent frames, latent height, latent width) of the fp8 / compile / sync checks.
+SMALL_GRID = dict(num_frames=9, height=44, width=48)
 REPEATS = 3
 
 
@@ -68,7 +73,7 @@ def _kind(kernels: list[str]) -> str:
 def real_shape():
     from launch.config import compose
 
-    cfg = compose(["model=hunyuan_avatar"]).model
+    cfg = compose([f"model={MODEL}"]).model
     latent_frames = (FRAMES - 1) // cfg.vae_temporal_ratio + 1
     h_lat, w_lat = HEIGHT // cfg.vae_spatial_ratio, WIDTH // cfg.vae_spatial_ratio
     grid = (h_lat // cfg.patch_size[1], w_lat // cfg.patch_size[2])
@@ -83,9 +88,9 @@ def check_attention(result: dict) -> None:
     cfg, latent_frames, grid = real_shape()
     tokens = (latent_frames + 1) * grid[0] * grid[1] + cfg.text_len
     head_dim = cfg.hidden_size // cfg.num_heads
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
     q, k, v = (
-        torch.randn(1, tokens, cfg.num_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        torch.randn(1, tokens, cfg.num_heads, head_dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
         for _ in range(3)
     )
     out = {"tokens": tokens, "heads": cfg.num_heads, "head_dim": head_dim}
@@ -126,12 +131,12 @@ def check_forward(result: dict) -> None:
     cfg, latent_frames, grid = real_shape()
     small = measure.measured_config(cfg)
     tokens_per_frame = grid[0] * grid[1]
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     name = torch.cuda.get_device_name(device)
     peak = fl.peak_tflops(name)
     torch.manual_seed(0)
     model = AvatarDiT(small, dtype=torch.bfloat16, device=device).eval()
-    inputs = measure.dit_inputs(small, latent_frames, grid, small.text_len, device="cuda")
+    inputs = measure.dit_inputs(small, latent_frames, grid, small.text_len, device=DEVICE)
     inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() and k != "t" else v) for k, v in inputs.items()}
     out = {
         "device": name,
@@ -199,14 +204,14 @@ def check_fp8(result: dict) -> None:
     try:
         from avatar.weights.fp8 import fp8_compute_supported
 
-        reason = fp8_compute_supported("cuda")
+        reason = fp8_compute_supported(DEVICE)
     except ImportError:
         reason = None
     if reason:
         result["fp8_compute"] = {"skipped": reason}
         log(f"fp8 compute: skipped ({reason})")
         return
-    out = parity(measured_config(cfg), device="cuda", num_frames=9, height=44, width=48)
+    out = parity(measured_config(cfg), device=DEVICE, **SMALL_GRID)
     result["fp8_compute"] = out
     log(
         f"fp8 compute: rel err {out['error_compute']:.4f} (dequantise {out['error_dequantised']:.4f}), "
@@ -223,7 +228,7 @@ def check_compile(result: dict) -> None:
     parity = _perf("compile_parity")
 
     cfg, _, _ = real_shape()
-    out = parity(measured_config(cfg), device="cuda", dtype=torch.bfloat16, num_frames=9, height=44, width=48)
+    out = parity(measured_config(cfg), device=DEVICE, dtype=torch.bfloat16, **SMALL_GRID)
     result["compile"] = out
     ok = out["graph_breaks"] == 0 and out["error"] < 2e-2
     out["ok"] = ok
@@ -241,7 +246,7 @@ def check_syncs(result: dict) -> None:
 
     find = _perf("forward_host_syncs")
     cfg, _, _ = real_shape()
-    first = find(measured_config(cfg), device="cuda", num_frames=9, height=44, width=48)
+    first = find(measured_config(cfg), device=DEVICE, **SMALL_GRID)
     result["host_syncs"] = {"first_sync": first, "ok": first is None}
     log(f"host syncs: {'none in a warm forward and a cached step' if first is None else 'FAILED: ' + first}")
     if first is not None:
