@@ -51,20 +51,29 @@ def _timed(fn, repeats: int = REPEATS) -> float:
 
 
 def _kernels(fn) -> list[str]:
-    """Names of the CUDA kernels ``fn`` launches that look like attention."""
+    """The attention ops ``fn`` dispatches (``aten::_scaled_dot_product_*``) and the kernels they launch (CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
         fn()
-        torch.cuda.synchronize()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
     words = ("flash", "fmha", "attention", "attn", "cudnn", "sdpa", "softmax")
     names = {e.key for e in prof.key_averages() if any(w in e.key.lower() for w in words)}
     return sorted(names)
 
 
 def _kind(kernels: list[str]) -> str:
+    """The SDPA backend that ran: from the aten op (unambiguous), else from the kernel names."""
+    ops = " ".join(k for k in kernels if k.startswith("aten::")).lower()
+    for word, kind in (("cudnn", "cudnn"), ("flash", "flash"), ("efficient", "efficient")):
+        if f"_scaled_dot_product_{word}" in ops:
+            return kind
+    if "_scaled_dot_product_attention_math" in ops:
+        return "math"
     text = " ".join(kernels).lower()
-    for word, kind in (("cudnn", "cudnn"), ("flash", "flash"), ("fmha", "efficient"), ("efficient", "efficient")):
+    for word, kind in (("cudnn", "cudnn"), ("fmha", "efficient"), ("flash", "flash")):
         if word in text:
             return kind
     return "math" if "softmax" in text else "unknown"
