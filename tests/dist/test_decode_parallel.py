@@ -18,37 +18,35 @@ def latents() -> torch.Tensor:
     return torch.randn(1, 4, (FRAMES - 1) // 4 + 1, 4, 4, generator=torch.Generator().manual_seed(3))
 
 
-def decode(vae_dir, topo):
+def decode(vae_dir, model_cfg, topo):
     from avatar.models.vae import configure_tiling, load_vae
     from avatar.pipeline.decode import DecodeStats, distributed_decode_frames
-    from launch.config import compose
 
-    cfg = compose(OVERRIDES)
     vae = load_vae(vae_dir, dtype=torch.float32)
-    configure_tiling(vae, cfg.model)
+    configure_tiling(vae, model_cfg)
     stats = DecodeStats()
     chunks = list(distributed_decode_frames(vae, latents(), topo, stats))
     return (torch.cat(chunks) if chunks else None), stats.as_dict()
 
 
-def worker(rank: int, world: int, vae_dir):
-    from launch.config import compose
+def worker(rank: int, world: int, vae_dir, cfg):
     from launch.dist import DistEnv
     from launch.topology import build_topology
 
-    topo, _ = build_topology(compose(OVERRIDES), DistEnv(rank=rank, world_size=world))
-    return decode(vae_dir, topo)
+    topo, _ = build_topology(cfg, DistEnv(rank=rank, world_size=world))
+    return decode(vae_dir, cfg.model, topo)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_four_ranks_decode_spatial_and_temporal_tiles_like_one(tmp_path):
     from avatar.pipeline.topology import Topology
     from avatar.weights.tiny_cond import make_tiny_vae
     from launch.config import compose
 
-    vae_dir = make_tiny_vae(tmp_path, compose(OVERRIDES).model, seed=2)
-    results = spawn(4, worker, vae_dir, timeout=170)
-    reference, one = decode(vae_dir, Topology())
+    cfg = compose(OVERRIDES)
+    vae_dir = make_tiny_vae(tmp_path, cfg.model, seed=2)
+    results = spawn(4, worker, vae_dir, cfg, timeout=280)
+    reference, one = decode(vae_dir, cfg.model, Topology())
     frames, stats = results[0]
     assert reference.shape == (FRAMES, 3, 32, 32)
     assert torch.equal(frames, reference)
