@@ -107,10 +107,17 @@ def dit_forward_flops(
     )
 
     def compute() -> dict[str, int]:
-        mode = FakeTensorMode()
+        # Real tensors may enter the fake forward (they become fake on first use): the text mask stays real, so a
+        # model that reads the valid text length to the host once per mask (mask-free attention) reads it here,
+        # outside the fake mode, and finds it in its memo inside.
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
         model = to_fake(meta_dit(cfg, dtype), mode)
         with mode:
             inputs = dit_inputs(cfg, latent_frames, grid_tokens, text_tokens)
+        inputs["text_mask"] = torch.ones(1, text_tokens, dtype=torch.long)
+        read_text_layout = getattr(model, "_text_layout", None)
+        if read_text_layout is not None:
+            read_text_layout(inputs["text_mask"])
         with mode, torch.no_grad():
             with counter() as full:
                 _, stored = model(**inputs, cache="store")
