@@ -14,6 +14,7 @@ blended in float32 on the CPU, on any world size, so the frames do not depend on
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import torch
 
 from avatar.models import vae as vae_mod
 from avatar.pipeline.topology import Topology
+
+log = logging.getLogger(__name__)
 
 #: Pieces per rank a round aims at: enough that the longest-first deal evens out the unequal tiles (edge tiles,
 #: the shorter last temporal tile); 3 keeps max/min load ≤ 1.5 for 1-24 ranks at 704×704 and 704×768.
@@ -171,6 +174,17 @@ def distributed_decode_frames(
     plan = plan_for_latents(vae, latents.shape, topo.world)
     if stats is not None:
         stats.add(plan)
+    if topo.is_main:
+        balance = plan.balance()
+        log.info(
+            "decode: %d temporal × %d spatial tiles in %d round(s) on %d rank(s), tiles per rank %s, max/min work %s",
+            len(plan.tiles),
+            len(plan.spatial.tiles),
+            len(plan.rounds),
+            plan.world,
+            plan.tiles_per_rank(),
+            "n/a (more ranks than tiles)" if balance is None else f"{balance:.2f}",
+        )
     blender = vae_mod.TileBlender(vae_mod.blend_frames_of(vae))
     for members, round_pieces in zip(plan.rounds, plan.pieces):
         mine = {}
