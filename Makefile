@@ -7,6 +7,8 @@ TINY := weights/tiny
 NGPU ?= 2
 LOG_RANK ?= 0
 ARGS ?=
+# pytest-xdist workers for `make test` (each test file stays on one worker: its module fixtures and process groups).
+TEST_WORKERS ?= 2
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -38,7 +40,7 @@ check-install: install
 
 # Everything CI runs: tier 1 (unit), tier 2 (multi-rank gloo), cluster (local Slurm; skips where it cannot start).
 test: install
-	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+	$(PY) -m pytest -q -m "not gpu" -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q tests/unit $(ARGS)

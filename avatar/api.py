@@ -107,17 +107,18 @@ class AvatarPipeline:
 
         from launch.config import compose
         from launch.dist import init_distributed, read_env
-        from launch.topology import build_topology, resolve_plan
+        from launch.plan import resolve_plan
         from launch.validate import check_config, check_weights
 
         argv = [f"model={model}", f"weights={os.fspath(weights)}", *overrides, *_overrides(options)]
         cfg = compose(argv)
         check_config(cfg)
-        resolve_plan(cfg, read_env()[1])
+        _, world_size, _, gpus_per_node = read_env()
+        plan = resolve_plan(cfg, world_size, gpus_per_node)
         check_weights(cfg)
         had_group = dist.is_available() and dist.is_initialized()
         env = init_distributed(cfg.device)
-        job_topo, _ = build_topology(cfg, env)
+        job_topo, _ = plan.build_mesh(env.device.type).topologies(env.rank, env.device, cfg.attention)
         from avatar.pipeline.run import Renderer
 
         renderer = Renderer(cfg, job_topo)
@@ -159,7 +160,13 @@ class AvatarPipeline:
                 strategy=strategy,
                 videoid="api",
             )
-            validate_job(cfg, job, {"image": job.image, "audio": job.audio}, overwrite=False)
+            validate_job(
+                cfg,
+                job,
+                {"image": job.image, "audio": job.audio},
+                overwrite=False,
+                sequence_degree=getattr(self.topo.seq, "world", 1),
+            )
             frames: list = []
             report = self.renderer.render(job, frames=frames if self.topo.is_main else None)
             if not self.topo.is_main:

@@ -135,17 +135,6 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     return overrides, literals
 
 
-def rewrite_overrides(argv: list[str]) -> list[str]:
-    """Map ``output=X.mp4`` / ``audio=X`` / ``batch=X`` to their path fields when X is not a group option."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in PATH_KEYS and value not in group_options(key):
-            arg = f"{key}.{PATH_KEYS[key]}={value}"
-        out.append(arg)
-    return out
-
-
 def group_options_all() -> list[str]:
     """The config group names (``model``, ``sampling``, ...)."""
     return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
@@ -216,10 +205,6 @@ def to_yaml(cfg: RunConfig) -> str:
     import yaml
 
     return yaml.safe_dump(plain(cfg), sort_keys=False, allow_unicode=True, width=119)
-
-
-def to_dict(cfg: RunConfig) -> dict:
-    return plain(cfg)
 
 
 CONTRACT = """\

@@ -10,7 +10,6 @@ import time
 from avatar.progress import progress  # noqa: F401  (re-exported: the one progress-bar helper)
 
 _START = time.monotonic()
-_warned: set[str] = set()
 
 
 class _RankFormatter(logging.Formatter):
@@ -43,9 +42,3 @@ def setup_logging(rank: int = 0, verbose_ranks: bool = False) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for noisy in ("httpx", "urllib3", "filelock", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def warn_once(logger: logging.Logger, message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)

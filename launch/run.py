@@ -26,7 +26,8 @@ def prepare_jobs(cfg: RunConfig) -> Validated:
     """The one validation for this launch's world size."""
     from launch.dist import read_env
 
-    return validate(cfg, world_size=read_env()[1])
+    _, world_size, _, gpus_per_node = read_env()
+    return validate(cfg, world_size=world_size, gpus_per_node=gpus_per_node)
 
 
 def prepare(argv: list[str] | None) -> tuple[RunConfig, Validated]:
@@ -36,8 +37,9 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Validated]:
 
 
 def run_from_config(cfg: RunConfig, validated: Validated) -> int:
-    """Initialise the process group, build the plan and render the jobs; always tear the group down. A preemption
-    (SIGTERM/SIGUSR1/SIGUSR2) saves a checkpoint and returns ``EXIT_PREEMPTED``; the same command resumes."""
+    """Initialise the process group, build the validated plan's mesh (every group comes from it) and render the
+    jobs; always tear the group down. A preemption (SIGTERM/SIGUSR1/SIGUSR2) saves a checkpoint and returns
+    ``EXIT_PREEMPTED``; the same command resumes."""
     from avatar.pipeline.resume import Preempted
     from avatar.pipeline.state import StateStore, single_state_dir
     from launch.dist import destroy, init_distributed
@@ -47,9 +49,8 @@ def run_from_config(cfg: RunConfig, validated: Validated) -> int:
     setup_logging(env.rank)
     handler = PreemptionHandler().install()
     try:
-        from launch.topology import build_topology
-
-        job_topo, rows_topo = build_topology(cfg, env)
+        mesh = validated.plan.build_mesh(env.device.type)
+        job_topo, rows_topo = mesh.topologies(env.rank, env.device, cfg.attention)
         from avatar.pipeline.run import Renderer
 
         try:

@@ -24,6 +24,7 @@ from avatar.config import RunConfig
 from avatar.io.errors import EXIT_BAD_INPUT, InputError
 from launch.config import compose
 from launch.log import setup_logging
+from launch.plan import ParallelPlan
 
 log = logging.getLogger("launch.serve")
 
@@ -31,23 +32,24 @@ log = logging.getLogger("launch.serve")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def prepare(argv: list[str] | None) -> RunConfig:
-    """Compose and check everything that needs no model; raises InputError."""
+def prepare(argv: list[str] | None) -> tuple[RunConfig, ParallelPlan]:
+    """Compose and check everything that needs no model, resolving the one plan; raises InputError."""
     from avatar.serve.app import check_serve
     from launch.dist import read_env
-    from launch.topology import resolve_plan
+    from launch.plan import resolve_plan
     from launch.validate import check_weights as validate_weights
 
     cfg = compose(argv)
     check_serve(cfg)
-    resolve_plan(cfg, read_env()[1])
+    _, world_size, _, gpus_per_node = read_env()
+    plan = resolve_plan(cfg, world_size, gpus_per_node)
     validate_weights(cfg)
     state_dir = Path(cfg.serve.state_dir)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"serve.state_dir={state_dir} cannot be created: {err.strerror or err}") from None
-    return cfg
+    return cfg, plan
 
 
 def redacted(cfg: RunConfig) -> RunConfig:
@@ -55,14 +57,14 @@ def redacted(cfg: RunConfig) -> RunConfig:
     return replace(cfg, serve=replace(cfg.serve, api_key="<set>" if cfg.serve.api_key else None))
 
 
-def run_server(cfg: RunConfig, sock) -> int:
-    """Initialise the process group, load the models, serve until stopped; always tear the group down."""
+def run_server(cfg: RunConfig, sock, plan: ParallelPlan) -> int:
+    """Initialise the process group, build the plan's mesh, load the models, serve until stopped; always tear the
+    group down."""
     from avatar.io.atomic import atomic_write_json
     from avatar.pipeline.run import Renderer
     from avatar.serve.worker import serve_jobs
     from launch.dist import destroy, init_distributed
     from launch.signals import EXIT_PREEMPTED, PreemptionHandler, record_preemption
-    from launch.topology import build_topology
 
     env = init_distributed(cfg.device)
     setup_logging(env.rank)
@@ -79,12 +81,13 @@ def run_server(cfg: RunConfig, sock) -> int:
             requeued = store.recover()
             if requeued:
                 log.warning("jobs left running by the last server are queued again: %s", ", ".join(requeued))
-            http = HttpServer(create_app(cfg, store, wake, ready.is_set), sock).start()
+            app = create_app(cfg, store, wake, ready.is_set, sequence_degree=plan.sequence_size)
+            http = HttpServer(app, sock).start()
             host, port = http.address
             url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
             atomic_write_json(Path(cfg.serve.state_dir) / "server.json", {"url": url, "host": host, "port": port})
             log.info("serving on %s (loading the models; jobs are queued meanwhile)", url)
-        job_topo, _ = build_topology(cfg, env)
+        job_topo, _ = plan.build_mesh(env.device.type).topologies(env.rank, env.device, cfg.attention)
         renderer = Renderer(redacted(cfg), job_topo)
         ready.set()
         if env.is_main:
@@ -112,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(peek_rank())
     try:
-        cfg = prepare(argv)
+        cfg, plan = prepare(argv)
         sock = bind(cfg.serve.host, cfg.serve.port) if peek_rank() == 0 else None
     except InputError as err:
         if peek_rank() == 0:
             sys.stderr.write(f"error: {err}\n")
         return EXIT_BAD_INPUT
-    return run_server(cfg, sock)
+    return run_server(cfg, sock, plan)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ needs no model, and runs before anything is built or created, on every rank, for
 and any Python caller (a server would call it per request).
 
 Order: the config's own rules (seed, steps, encoder settings, model geometry, devices and optional packages, batch
-sharding), the parallel plan for the world size (``ParallelPlan.resolve`` names degrees, world and heads), the jobs'
-files (image and audio decoded, output paths: folder, name length, never one of the run's inputs, existing files),
-then the weights (``avatar.weights.verify``). Every failure is one ``InputError`` line; nothing is written.
+sharding), the parallel plan for the world size and GPUs per node (``ParallelPlan.resolve`` names degrees, world and
+heads; the one plan the run then builds its mesh from), the jobs' files (image and audio decoded, output paths:
+folder, name length, never one of the run's inputs, existing files; with ``attention.backend=xfuser`` the bucketed
+image's tokens per frame against ring·ulysses), then the weights (``avatar.weights.verify``). Every failure is one
+``InputError`` line; nothing is written.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from avatar.config import RunConfig
 from avatar.io.errors import InputError
 from avatar.io.manifest import Manifest, Row
-from launch.plan import ParallelPlan
+from launch.plan import ParallelPlan, resolve_plan
 
 log = logging.getLogger("launch.validate")
 
@@ -37,21 +39,24 @@ class Validated:
     shard_rows: list[Row] = field(default_factory=list)
 
 
-def validate(cfg: RunConfig, inputs: list | None = None, world_size: int = 1) -> Validated:
-    """Check ``cfg`` and its jobs for a launch of ``world_size`` ranks; raises ``InputError`` (exit 2) naming the
-    field, file or value and what would be valid. ``inputs``: the ``Job`` list to render (None: the job of
-    ``image=``/``audio=`` or the rows of ``batch=``)."""
+def validate(
+    cfg: RunConfig, inputs: list | None = None, world_size: int = 1, gpus_per_node: int | None = None
+) -> Validated:
+    """Check ``cfg`` and its jobs for a launch of ``world_size`` ranks, ``gpus_per_node`` per node (torchrun's
+    ``LOCAL_WORLD_SIZE``; None = one node); raises ``InputError`` (exit 2) naming the field, file or value and what
+    would be valid. ``inputs``: the ``Job`` list to render (None: the job of ``image=``/``audio=`` or the rows of
+    ``batch=``). The returned ``plan`` is the run's one plan."""
     check_config(cfg)
-    plan = ParallelPlan.resolve(cfg.parallel, world_size, cfg.model.num_heads)
+    plan = resolve_plan(cfg, world_size, gpus_per_node)
     if inputs is not None:
         jobs = list(inputs)
-        check_jobs(cfg, jobs)
+        check_jobs(cfg, jobs, plan.sequence_size)
         result = Validated(cfg, plan, jobs)
     elif cfg.batch.manifest:
         result = _validate_batch(cfg, plan)
     else:
         job = single_job(cfg)
-        check_jobs(cfg, [job])
+        check_jobs(cfg, [job], plan.sequence_size)
         result = Validated(cfg, plan, [job])
     check_weights(cfg)
     return result
@@ -209,15 +214,18 @@ def run_inputs(cfg: RunConfig, jobs: list) -> dict[str, str]:
     return inputs
 
 
-def check_job(cfg: RunConfig, job, inputs: dict, overwrite: bool | None = None) -> None:
-    """Everything about one job that can be checked without a model."""
+def check_job(cfg: RunConfig, job, inputs: dict, overwrite: bool | None = None, sequence_degree: int = 1) -> None:
+    """Everything about one job that can be checked without a model. ``sequence_degree``: the plan's ring·ulysses
+    (the xfuser backend's token rule depends on it)."""
     from avatar.io.audio import load_audio
     from avatar.io.image import load_image
     from avatar.io.validate import check_output_path, check_seed, check_steps
 
     check_steps(job.steps)
     check_seed(job.seed)
-    load_image(job.image)
+    image = load_image(job.image)
+    if cfg.attention.backend == "xfuser":
+        check_xfuser_image(cfg, image.width, image.height, sequence_degree)
     load_audio(
         job.audio, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds, allow_damaged=cfg.audio.allow_damaged
     )
@@ -229,10 +237,26 @@ def check_job(cfg: RunConfig, job, inputs: dict, overwrite: bool | None = None) 
     )
 
 
-def check_jobs(cfg: RunConfig, jobs: list) -> None:
+def check_jobs(cfg: RunConfig, jobs: list, sequence_degree: int = 1) -> None:
     inputs = run_inputs(cfg, jobs)
     for job in jobs:
-        check_job(cfg, job, inputs)
+        check_job(cfg, job, inputs, sequence_degree=sequence_degree)
+
+
+def check_xfuser_image(cfg: RunConfig, width: int, height: int, sequence_degree: int) -> None:
+    """``attention.backend=xfuser``: the tokens the sequence-parallel ranks shard (one latent frame's, for this
+    image's bucket) must divide over ring·ulysses (``avatar.parallel.xfuser.xfuser_token_problem``); InputError
+    otherwise."""
+    from avatar.io.image import bucket_size
+    from avatar.parallel.xfuser import xfuser_token_problem
+
+    m = cfg.model
+    bucket_w, bucket_h = bucket_size(width, height, m.image_size, m.bucket_multiple)
+    _, ph, pw = m.patch_size
+    tokens = (bucket_h // m.vae_spatial_ratio // ph) * (bucket_w // m.vae_spatial_ratio // pw)
+    problem = xfuser_token_problem(tokens, sequence_degree)
+    if problem is not None:
+        raise InputError(f"{problem} (a {width}×{height} image → the {bucket_w}×{bucket_h} bucket)")
 
 
 def _validate_batch(cfg: RunConfig, plan: ParallelPlan) -> Validated:
@@ -253,7 +277,8 @@ def _validate_batch(cfg: RunConfig, plan: ParallelPlan) -> Validated:
 
     def check_row(row: Row) -> None:
         job = row_job(cfg, row)
-        check_job(cfg, job, inputs, overwrite=cfg.overwrite or batch_row_done(state, cfg, job))
+        overwrite = cfg.overwrite or batch_row_done(state, cfg, job)
+        check_job(cfg, job, inputs, overwrite=overwrite, sequence_degree=plan.sequence_size)
 
     good, bad = validate_rows(rows, cfg.batch.on_error, check_row)
     return Validated(cfg, plan, [row_job(cfg, row) for row in good], bad, manifest, rows)

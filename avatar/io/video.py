@@ -184,6 +184,7 @@ class VideoWriter:
                 self._mux(self._mux_tmp)
                 self._final = self._mux_tmp
             fsync_path(self._final)
+            self._check_final()
         except BaseException:
             self.abort()
             raise
@@ -258,6 +259,17 @@ class VideoWriter:
                 raise fault
             raise RuntimeError(f"ffmpeg failed muxing {self.audio_path} into {self.path}: {tail}")
 
+    def _check_final(self) -> None:
+        """Read the finished file back before it is published: every frame written is there and, with audio, the
+        sound track too (a truncated encode or mux is an error naming the file, never a published video)."""
+        info = probe(self._final)
+        if info.frames != self._frames:
+            raise RuntimeError(
+                f"{self.path}: the encoded file holds {info.frames} of the {self._frames} frames written"
+            )
+        if self.audio_path is not None and not info.audio_streams:
+            raise RuntimeError(f"{self.path}: the muxed file has no audio stream from {self.audio_path}")
+
     def _cleanup(self) -> None:
         _remove(self._video_tmp)
         _remove(self._mux_tmp)
@@ -330,17 +342,3 @@ def probe(path) -> VideoInfo:
     if info["duration"] is None:
         info["duration"] = info["video_duration"]
     return info
-
-
-def read_frames(path) -> np.ndarray:
-    """All video frames of ``path`` as ``[n, H, W, 3]`` uint8 RGB."""
-    import av
-
-    with av.open(os.fspath(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream")
-        stream = container.streams.video[0]
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    if not frames:
-        return np.zeros((0, 0, 0, 3), np.uint8)
-    return np.stack(frames)

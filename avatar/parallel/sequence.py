@@ -275,7 +275,7 @@ def build_sequence(
         raise ValueError(f"attention.backend={backend!r} is not one of {BACKENDS}")
     num_sequence_ranks = comm.group_size(ring_group) * comm.group_size(ulysses_group)
     if backend == "xfuser":
-        from avatar.attention.xfuser import XfuserSequence, require_xfuser
+        from avatar.parallel.xfuser import XfuserSequence, require_xfuser
 
         require_xfuser()
         if num_sequence_ranks > 1:

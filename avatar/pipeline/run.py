@@ -304,8 +304,8 @@ class Renderer:
             log.info(
                 "wrote %s (%d frames, %.1f s) in %.1f s",
                 job.output,
-                inputs.num_frames,
-                inputs.num_frames / FPS,
+                writer.frames_written,
+                writer.frames_written / FPS,
                 report["seconds_total"],
             )
         topo.barrier()

@@ -1,8 +1,10 @@
 """Who does what: the pipeline's view of the parallel plan.
 
-``Topology`` is built once from the ``ParallelPlan`` (``launch/generate.py``) and handed to every stage. It holds the
-process groups of the data and CFG axes, the sequence-parallel boundary object for the model, and the few
-exchanges the pipeline needs. With one process every group is None and every exchange is the identity.
+``Topology`` is built once from the ``ParallelPlan``'s device mesh (``ParallelMesh.topologies`` in
+``launch/plan.py``) and handed to every stage. It holds the process groups of the data and CFG axes and of the
+ranks rendering together, all taken from that one mesh, the mesh itself, the sequence-parallel boundary object for
+the model, and the few exchanges the pipeline needs. With one process every group is None and every exchange is the
+identity.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class Topology:
     group renders its own rows, and ``rank``/``world`` are this process's place in its group."""
     leader: int = 0
     """Global rank of the group's rank 0 (the one that encodes, writes files and saves checkpoints)."""
+    mesh: object = None
+    """The run's ``DeviceMesh`` over ("data", "cfg", "ring", "ulysses") the groups above come from (None with one
+    process); after a batch's row topology is built it also has the flattened axis "video" (cfg × ring × ulysses,
+    the ranks of one data group)."""
 
     @property
     def is_main(self) -> bool:

@@ -17,6 +17,7 @@ a client's file name is only ever shown back as text. With ``serve.api_key`` eve
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -73,9 +74,10 @@ def _int_field(name: str, value, default: int) -> int:
         raise HTTPProblem(400, f"{name}={str(value)[:40]!r} is invalid; give an integer") from None
 
 
-def accept_job(cfg: RunConfig, store: JobStore, form) -> str:
+def accept_job(cfg: RunConfig, store: JobStore, form, sequence_degree: int = 1) -> str:
     """Validate one ``POST /v1/videos`` form (a starlette ``FormData``), store its files and queue the job.
-    Returns the job id; raises ``HTTPProblem``."""
+    ``sequence_degree``: the plan's ring·ulysses (the xfuser backend's token rule). Returns the job id; raises
+    ``HTTPProblem``."""
     from launch.validate import check_job as validate_job
 
     serve = cfg.serve
@@ -113,7 +115,8 @@ def accept_job(cfg: RunConfig, store: JobStore, form) -> str:
             upload.file.seek(0)
             with open(staging / field, "wb") as out:
                 shutil.copyfileobj(upload.file, out, MIB)
-        _validate_files(cfg, staging, names, steps, job_id, store, validate_job)
+        check = functools.partial(validate_job, sequence_degree=sequence_degree)
+        _validate_files(cfg, staging, names, steps, job_id, store, check)
         target = store.upload_dir(job_id)
         os.replace(staging, target)
     except BaseException:
@@ -203,9 +206,11 @@ def job_view(store: JobStore, job: dict) -> dict:
     return out
 
 
-def create_app(cfg: RunConfig, store: JobStore, wake: threading.Event | None = None, ready=lambda: True):
+def create_app(
+    cfg: RunConfig, store: JobStore, wake: threading.Event | None = None, ready=lambda: True, sequence_degree: int = 1
+):
     """The FastAPI app. ``wake`` is set whenever a job is queued (the worker loop waits on it); ``ready()`` says
-    whether the models are loaded."""
+    whether the models are loaded; ``sequence_degree`` is the plan's ring·ulysses (uploads are checked against it)."""
     serve = cfg.serve
     max_body = int((serve.max_image_mb + serve.max_audio_mb) * MIB) + BODY_SLACK
     page = resources.files("avatar.serve").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -255,7 +260,7 @@ def create_app(cfg: RunConfig, store: JobStore, wake: threading.Event | None = N
         except Exception as err:  # noqa: BLE001 - a malformed body is the client's problem
             return problem(400, f"could not read the multipart form ({' '.join(str(err).split())})")
         try:
-            job_id = await run_in_threadpool(accept_job, cfg, store, form)
+            job_id = await run_in_threadpool(accept_job, cfg, store, form, sequence_degree)
         except HTTPProblem as err:
             return problem(err.status, err.message)
         finally:

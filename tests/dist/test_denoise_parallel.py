@@ -1,6 +1,7 @@
 """The whole denoise loop on gloo ranks equals one process (fp32 path, deep cache on): final video latents of the
 ``shift`` and ``blend`` strategies under Ulysses, Ring, CFG-parallel and data-parallel plans (bit-exact without Ring),
-with token counts per frame that do not divide the world. The plan, mesh and topology are built by the launcher's own ``launch.topology``."""
+with token counts per frame that do not divide the world. The plan, mesh and topology are built by the launcher's own
+``launch.plan`` (``resolve_plan`` → ``build_mesh`` → ``topologies``)."""
 
 from __future__ import annotations
 
@@ -62,13 +63,12 @@ def denoise(cfg, model, cond, sampling, topo, strategy: str) -> torch.Tensor:
 
 
 def worker(rank: int, world: int, cases: list):
-    from launch.dist import DistEnv
-    from launch.topology import build_topology
+    from launch.plan import resolve_plan
 
     out = {}
     for parallel, strategy in cases:
         cfg, model, cond, sampling = setup(parallel, strategy)
-        topo, _ = build_topology(cfg, DistEnv(rank=rank, world_size=world))
+        topo, _ = resolve_plan(cfg, world).build_mesh("cpu").topologies(rank, torch.device("cpu"), cfg.attention)
         model.set_sequence_parallel(topo.seq)
         out[(tuple(parallel.items()), strategy)] = denoise(cfg, model, cond, sampling, topo, strategy)
     return out

@@ -21,7 +21,7 @@ def test_two_calls_on_models_loaded_once_give_the_cli_video(tiny_weights, one_se
 
     from avatar import AvatarPipeline
     from avatar.io.errors import InputError
-    from avatar.io.video import read_frames
+    from tests.utils.video import read_frames
 
     overrides = [s for s in FRONTEND_SETTINGS if not s.startswith("model=")]
     pipe = AvatarPipeline.from_pretrained(tiny_weights, model="tiny", overrides=overrides)

@@ -70,7 +70,7 @@ def reference(tiny_weights, manifest, tmp_path_factory) -> Path:
 
 
 def _frames(path: Path) -> np.ndarray:
-    from avatar.io.video import read_frames
+    from tests.utils.video import read_frames
 
     return read_frames(str(path))
 

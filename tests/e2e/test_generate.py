@@ -89,7 +89,7 @@ def test_report_and_log_observe_every_stage(single, tiny_weights):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_torchrun_ranks_write_the_same_frames_as_one_process(single, tiny_weights, tmp_path, nproc):
-    from avatar.io.video import read_frames
+    from tests.utils.video import read_frames
 
     out = tmp_path / "multi.mp4"
     _ok(generate(*tiny_args(tiny_weights, out), nproc=nproc, timeout=580))

@@ -68,7 +68,7 @@ def test_sixty_seconds_in_each_strategy(one_rank, strategy):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", ["blend", "segments"])
 def test_two_ranks_equal_one(one_rank, tiny_weights, long_audio, tmp_path, strategy):
-    from avatar.io.video import read_frames
+    from tests.utils.video import read_frames
 
     one, _ = one_rank(strategy)
     two = tmp_path / "two.mp4"

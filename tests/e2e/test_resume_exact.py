@@ -88,8 +88,8 @@ def _interrupt(args: list[str], out: Path, signum: int, after_step: int | None) 
 
 @pytest.mark.timeout(900)
 def test_kills_and_terms_at_six_steps_then_rerun_give_the_uninterrupted_video(tiny_weights, clip, tmp_path):
-    from avatar.io.video import read_frames
     from avatar.pipeline.state import single_state_dir
+    from tests.utils.video import read_frames
 
     whole = tmp_path / "whole.mp4"
     result = generate(*_args(tiny_weights, clip, whole), timeout=300)

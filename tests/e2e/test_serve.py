@@ -148,7 +148,7 @@ def _video(url: str, job_id: str, into: Path) -> Path:
 def test_jobs_over_http_sigterm_and_restart(server, cli_reference, one_second_clip, tmp_path):
     import httpx
 
-    from avatar.io.video import read_frames
+    from tests.utils.video import read_frames
 
     url, portrait = server.url, EXAMPLES / "portrait.jpg"
     assert httpx.get(f"{url}/healthz").json()["ready"] is True

@@ -100,7 +100,7 @@ def signal_at(proc: subprocess.Popen, marker: str, delay: float, sig=signal.SIGK
 
 
 def frames(path) -> np.ndarray:
-    from avatar.io.video import read_frames
+    from tests.utils.video import read_frames
 
     return read_frames(path)
 

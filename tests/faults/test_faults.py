@@ -112,7 +112,8 @@ def test_sigterm_then_a_corrupt_checkpoint_renders_afresh(tiny_weights, clip, tm
 
     out = tmp_path / "t.mp4"
     args = single_args(tiny_weights, clip, out)
-    code, log = signal_at(start(args), "denoising", 0.3, sig=signal.SIGTERM)
+    # right after the first of three steps: the stop is agreed at the next step boundary, before the last step
+    code, log = signal_at(start(args), f"denoise: 1/{STEPS}", 0.0, sig=signal.SIGTERM)
     assert code == 75, log[-2000:]
     assert not out.exists()
     checkpoints = list(single_state_dir(out).rglob("checkpoint.pt"))

@@ -18,7 +18,7 @@ pytestmark = [
 
 
 def _frames(path):
-    from avatar.io.video import read_frames
+    from tests.utils.video import read_frames
 
     return read_frames(str(path))
 

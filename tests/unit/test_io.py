@@ -19,7 +19,8 @@ from avatar.io.audio import load_audio, resample
 from avatar.io.errors import InputError
 from avatar.io.image import bucket_size, load_image, resize_to_bucket
 from avatar.io.validate import check_output_path, check_steps
-from avatar.io.video import VideoWriter, ffmpeg_exe, probe, read_frames
+from avatar.io.video import VideoWriter, ffmpeg_exe, probe
+from tests.utils.video import read_frames
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

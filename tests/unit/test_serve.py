@@ -133,9 +133,10 @@ def test_app_key_limits_messages_queue_status_and_content(app_client, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 def test_serve_settings_are_checked_before_anything_is_built(tiny_weights, tmp_path, capsys):
+    from avatar.config import plain
     from avatar.io.errors import InputError
     from avatar.serve.app import bind, check_serve, is_loopback
-    from launch.config import compose, to_dict
+    from launch.config import compose
     from launch.serve import main, redacted
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
@@ -147,7 +148,7 @@ def test_serve_settings_are_checked_before_anything_is_built(tiny_weights, tmp_p
     assert "serve.max_queue=0 is invalid" in capsys.readouterr().err
     cfg = compose([*args, "serve.host=0.0.0.0", "serve.api_key=s3cret"])
     check_serve(cfg)
-    assert "s3cret" not in json.dumps(to_dict(redacted(cfg)))
+    assert "s3cret" not in json.dumps(plain(redacted(cfg)))
     sock = bind("127.0.0.1", 0)
     try:
         with pytest.raises(InputError, match=r"serve.port=\d+: cannot listen"):

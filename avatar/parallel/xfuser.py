@@ -3,9 +3,14 @@
 
 Nothing else in the project imports xfuser or yunchang; both are imported lazily here. The backend needs CUDA and the
 ``[xdit]`` extra (xfuser 0.7.0, yunchang 0.6.4). It does not run on a CPU torch (``import xfuser`` needs triton and
-an accelerator) and has no key masks, so it supports only token counts per frame divisible by the sequence-parallel world and
-text masks that keep the same leading tokens in every batch row. Our own backend, ``attention.backend=native``,
-has none of these limits.
+an accelerator) and has no key masks, so it supports only token counts per frame divisible by the sequence-parallel
+world and text masks that keep the same leading tokens in every batch row. Our own backend,
+``attention.backend=native``, has none of these limits.
+
+The token-count rule is checked before any model is built: ``xfuser_token_problem`` is a pure function that
+``launch.validate`` calls for every job (the bucketed image size gives the count that is sharded, here the tokens of
+one frame; the plan gives ring·ulysses); ``XfuserSequence.shard_tokens`` keeps the same check as a guard for direct
+library callers.
 """
 
 from __future__ import annotations
@@ -18,6 +23,25 @@ import torch.distributed as dist
 from avatar.parallel.sequence import DistributedSequence
 
 logger = logging.getLogger(__name__)
+
+#: Sequence-parallel degrees listed as valid alternatives in ``xfuser_token_problem``'s message (at most).
+MAX_LISTED_DEGREE = 64
+
+
+def xfuser_token_problem(num_tokens: int, sequence_degree: int, counted: str = "tokens per frame") -> str | None:
+    """Why ``attention.backend=xfuser`` (no padding) cannot shard ``num_tokens`` (``counted``: what they are) over
+    ``sequence_degree`` (= ring·ulysses) ranks, in one line naming both and what is valid; None when it can (or with
+    no sequence parallelism). Pure: no xfuser import, no process group."""
+    if sequence_degree <= 1 or num_tokens % sequence_degree == 0:
+        return None
+    valid = [d for d in range(1, min(num_tokens, MAX_LISTED_DEGREE) + 1) if num_tokens % d == 0]
+    return (
+        f"attention.backend=xfuser needs the {counted} ({num_tokens}) divisible by the sequence-parallel degree "
+        f"ring·ulysses={sequence_degree}; valid degrees: {', '.join(map(str, valid))} (set "
+        "parallel.ring/parallel.ulysses, or another model.image_size), or use attention.backend=native, which pads "
+        "instead"
+    )
+
 
 UNAVAILABLE = (
     "attention.backend=xfuser cannot run here: {reason}. Use attention.backend=native (our Ulysses/Ring on "
@@ -74,12 +98,9 @@ class XfuserSequence(DistributedSequence):
         return f"XfuserSequence(ring={self.ring_size}, ulysses={self.ulysses_size})"
 
     def shard_tokens(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
-        tokens_per_frame = x.shape[dim] // num_frames
-        if tokens_per_frame % self.world != 0:
-            raise ValueError(
-                f"attention.backend=xfuser needs the tokens per frame ({tokens_per_frame}) divisible by the "
-                f"sequence-parallel world ({self.world}); attention.backend=native pads and masks instead"
-            )
+        problem = xfuser_token_problem(x.shape[dim] // num_frames, self.world)
+        if problem is not None:
+            raise ValueError(problem)
         return super().shard_tokens(x, num_frames, dim)
 
     def joint_attention(self, img_q, img_k, img_v, txt_q, txt_k, txt_v, img_key_mask, txt_key_mask):
