@@ -75,6 +75,7 @@ run: install
 bench: install tiny-weights
 	$(PY) bench/comm_bench.py
 	$(PY) bench/long_memory_bench.py
+	$(PY) bench/dit_bench.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

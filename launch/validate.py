@@ -65,6 +65,28 @@ def validate(
 # --- the config on its own ----------------------------------------------------------------------------------------
 
 
+def _check_fp8_compute(cfg: RunConfig) -> None:
+    """``fp8_compute=true`` is refused (not silently dropped) where it cannot run as asked: without the fp8
+    checkpoint, off a GPU with fp8 tensor cores, or with a compute dtype other than bf16."""
+    if not cfg.fp8_compute:
+        return
+    if not cfg.fp8:
+        raise InputError("fp8_compute=true needs fp8=true (the fp8 checkpoint); add fp8=true or drop fp8_compute")
+    import torch
+
+    from avatar.weights.fp8 import fp8_compute_supported
+
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else str(cfg.device)
+    why = fp8_compute_supported("cpu" if device == "auto" else device)
+    if why is not None:
+        raise InputError(
+            f"fp8_compute=true needs a GPU with fp8 tensor cores (compute capability ≥ 8.9), but {why}; "
+            "use fp8_compute=false (fp8 weights dequantised per call)"
+        )
+    if cfg.dtype not in ("auto", "bf16"):
+        raise InputError(f"fp8_compute=true computes in bf16, not dtype={cfg.dtype}; use dtype=auto or dtype=bf16")
+
+
 def _positive(name: str, value, allow_zero: bool = False, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -103,11 +125,15 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.checkpoint_every < 0:
         raise InputError(f"checkpoint_every={cfg.checkpoint_every} is invalid; give 0 (never) or a step count")
     _check_model(m)
+    from avatar.memory.apply import check_placement
+
+    check_placement(cfg)
     if cfg.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise InputError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
+    _check_fp8_compute(cfg)
     if cfg.attention.kernel == "flash" and importlib.util.find_spec("flash_attn") is None:
         raise InputError(
             "attention.kernel=flash needs the flash-attn package; install it or use attention.kernel=sdpa"
@@ -301,10 +327,11 @@ def batch_row_done(state, cfg: RunConfig, job) -> bool:
 
 def check_weights(cfg: RunConfig) -> None:
     """Every weights component complete and readable (``avatar.weights.verify``), before any model is built."""
+    from avatar.memory.apply import run_placement
     from avatar.weights.verify import verify_weights
 
     try:
-        problems = verify_weights(cfg.weights, cfg.model, fp8=cfg.fp8, load_key=cfg.load_key)
+        problems = verify_weights(cfg.weights, cfg.model, fp8=run_placement(cfg).fp8, load_key=cfg.load_key)
     except Exception as err:  # noqa: BLE001 - an unreadable file is a bad input, in one line
         detail = " ".join(f"{type(err).__name__}: {err}".split())
         raise InputError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,11 @@ AUDIO_FRAMES_PER_LATENT = 4
 #: Frame rate fed to fps_proj (the one frame rate, ``avatar.config.FPS``).
 DEFAULT_FPS = float(FPS)
 NORM_EPS = 1e-6
+
+
+#: Token-grid shapes whose tables a model keeps (least recently used dropped first): a run sees one or two window
+#: shapes, a server a few resolutions.
+SHAPE_CACHE_SIZE = 4
 
 
 @dataclass
@@ -65,22 +71,26 @@ def gate(x: torch.Tensor, gate_values: torch.Tensor) -> torch.Tensor:
     return x * gate_values.unsqueeze(1)
 
 
-def rope_table(cfg: ModelConfig, num_frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE ``(cos, sin)``, each ``[(num_frames+1)·height·width, head_dim]`` fp32, for a token grid of
-    ``num_frames`` video frames preceded by the reference frame at t = −1 (``height``/``width`` in tokens).
+def rope_table(
+    cfg: ModelConfig, num_frames: int, height: int, width: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE ``(cos, sin)``, each ``[(num_frames+1)·height·width, head_dim]`` fp32 on ``device`` (default CPU), for a
+    token grid of ``num_frames`` video frames preceded by the reference frame at t = −1 (``height``/``width`` in
+    tokens).
 
     Per axis (t, h, w) with ``dim`` = cfg.rope_axes[i]: angle = pos · θ^(−2k/dim), k < dim/2, each angle repeated
     twice (interleaved pairs); the three axes are concatenated."""
     positions = (
-        torch.arange(-1, num_frames, dtype=torch.float32),
-        torch.arange(height, dtype=torch.float32),
-        torch.arange(width, dtype=torch.float32),
+        torch.arange(-1, num_frames, dtype=torch.float32, device=device),
+        torch.arange(height, dtype=torch.float32, device=device),
+        torch.arange(width, dtype=torch.float32, device=device),
     )
     grid = torch.meshgrid(*positions, indexing="ij")
     cos_parts, sin_parts = [], []
     for axis_dim, axis_pos in zip(cfg.rope_axes, grid):
         inv_freq = 1.0 / (
-            cfg.rope_theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float32)[: axis_dim // 2] / axis_dim)
+            cfg.rope_theta
+            ** (torch.arange(0, axis_dim, 2, dtype=torch.float32, device=device)[: axis_dim // 2] / axis_dim)
         )
         angles = torch.outer(axis_pos.reshape(-1), inv_freq)
         cos_parts.append(angles.cos().repeat_interleave(2, dim=1))
@@ -440,8 +450,9 @@ class SingleStreamBlock(nn.Module):
         q = k = v = None
         for start, stop in ranges:
             part = linear_rows(self.linear1, self._modulated(x, start, stop, shift, scale), 0, 3 * self.dim)
-            if q is None:
-                q, k, v = (part.new_empty((x.shape[0], x.shape[1], self.dim)) for _ in range(3))
+            if q is None:  # (no generator here: it would make ``part`` a closure cell, which torch.compile cannot del)
+                shape = (x.shape[0], x.shape[1], self.dim)
+                q, k, v = part.new_empty(shape), part.new_empty(shape), part.new_empty(shape)
             for buffer, rows in zip((q, k, v), part.chunk(3, dim=-1)):
                 buffer[:, start:stop] = rows
             del part, rows
@@ -557,6 +568,9 @@ class AvatarDiT(nn.Module):
         if any(b < 0 for b in cfg.adapter_after_double):
             raise ValueError(f"adapter_after_double {cfg.adapter_after_double} must be double-block indices >= 0")
         self.seq = LocalSequence()
+        self._tables: OrderedDict[tuple, tuple] = OrderedDict()
+        self.num_table_builds = 0
+        """How many times the shape tables were built (once per new shape; tests and the bench read it)."""
         if dtype is not None:
             self.to_dtype(dtype)
 
@@ -578,9 +592,23 @@ class AvatarDiT(nn.Module):
         for block in [*self.double_blocks, *self.single_blocks]:
             block.token_chunk = chunk
 
+    def block_sequence(self) -> list[nn.Module]:
+        """The large submodules in the order a full forward runs them, each once: ``txt_in``, every double block
+        (followed by its audio adapter where one runs), every single block. A cached forward runs only the last.
+        Weight sharding and block offload move the weights unit by unit in this order (``avatar/parallel/fsdp.py``,
+        ``avatar/memory/offload.py``); everything else is small and stays resident."""
+        units: list[nn.Module] = [self.txt_in]
+        for index, block in enumerate(self.double_blocks):
+            units.append(block)
+            if index in self.adapter_index:
+                units.append(self.audio_adapter_blocks[self.adapter_index[index]])
+        units.extend(self.single_blocks)
+        return units
+
     def set_sequence_parallel(self, seq) -> None:
         """Use ``seq`` (``avatar/parallel/base.py`` interface) at the sequence boundaries."""
         self.seq = seq
+        self._tables.clear()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -628,10 +656,22 @@ class AvatarDiT(nn.Module):
 
         # Positions, key masks (this rank's slice of every frame's tokens).
         tokens_per_frame = grid_h * grid_w
-        rope_cos, rope_sin = rope_table(cfg, num_frames, grid_h, grid_w)
-        rope_cos = seq.shard_tokens(rope_cos.to(x.device), num_seq_frames, dim=0)
-        rope_sin = seq.shard_tokens(rope_sin.to(x.device), num_seq_frames, dim=0)
-        img_key_mask = seq.padding_key_mask(num_seq_frames, tokens_per_frame, x.device)
+
+        def build_tables():  # shape-only: built once per shape, device and sequence rank (``_shape_tables``)
+            cos, sin = rope_table(cfg, num_frames, grid_h, grid_w, device=x.device)
+            return (
+                seq.shard_tokens(cos, num_seq_frames, dim=0),
+                seq.shard_tokens(sin, num_seq_frames, dim=0),
+                seq.padding_key_mask(num_seq_frames, tokens_per_frame, x.device),
+                cos.new_empty((cos.shape[0], 0)),
+            )
+
+        rope_cos, rope_sin, img_key_mask, layout = self._shape_tables(
+            (num_frames, grid_h, grid_w), x.device, build_tables
+        )
+        # The Ulysses sequence learns the token layout from what it shards; a cached step shards nothing else, so
+        # shard the empty stand-in (no data, no copy) to keep it current.
+        seq.shard_tokens(layout, num_seq_frames, dim=0)
         txt_key_mask = torch.arange(num_txt, device=x.device)[None, :] < text_mask.sum(dim=1, keepdim=True)
 
         if cache == "reuse":
@@ -696,6 +736,19 @@ class AvatarDiT(nn.Module):
         return (velocity, stored) if cache == "store" else velocity
 
     # --- forward helpers -----------------------------------------------------------------------------------------
+
+    def _shape_tables(self, shape: tuple, device: torch.device, build) -> tuple:
+        """``build()`` (tensors that only the token-grid ``shape`` decides: RoPE rows, masks) from the per-shape cache
+        of the last ``SHAPE_CACHE_SIZE`` shapes, keyed by shape, device and sequence rank/world."""
+        key = (*shape, torch.device(device), self.seq.rank, self.seq.world)
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = self._tables[key] = build()
+            self.num_table_builds += 1
+            while len(self._tables) > SHAPE_CACHE_SIZE:
+                self._tables.popitem(last=False)
+        self._tables.move_to_end(key)
+        return tables
 
     def _motion(self, embedder, values, default, batch, device) -> torch.Tensor:
         """Embed ``values`` ``[B, 4]`` (default: the config constant) to ``[B, D]``."""

@@ -5,7 +5,8 @@ all_to_all_single: the input minus the slice kept locally; all_gather: its tenso
 chunks around a ring); isend: the tensor; broadcast: the tensor on the source, 0 elsewhere; all_reduce: 2·(n−1)/n of
 the tensor (reduce-scatter + all-gather).
 
-Also here: the small exchanges the pipeline needs (object/tensor broadcast, CFG branch exchange, data-axis gather).
+Also here: the small exchanges the pipeline needs (object broadcast, named-tensor broadcast (a small pickled header,
+then the bytes as tensors), CFG branch exchange, data-axis gather).
 Groups: ``broadcast*``/``all_reduce`` follow torch (None = the default group); the axis helpers ``cfg_exchange`` and
 ``data_all_gather_windows`` take an axis group where None means the axis has size 1 (nothing to exchange).
 """
@@ -13,6 +14,7 @@ Groups: ``broadcast*``/``all_reduce`` follow torch (None = the default group); t
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from collections import defaultdict
 from collections.abc import Iterator
@@ -154,6 +156,41 @@ def broadcast_object(obj, src: int = 0, group=None, device: torch.device | None 
     if is_source:
         return obj
     return torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), weights_only=False)
+
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int = 0, group=None, device=None, meta=None):
+    """Send the named tensors of global rank ``src`` (and a small picklable ``meta``) to the ranks of ``group``.
+
+    One small pickled header (names, shapes, dtypes, ``meta``), then the tensor bytes with one ``broadcast`` per
+    dtype, each dtype's tensors packed into one flat buffer on the group's device (CUDA under NCCL): nothing but the
+    header is pickled. Returns ``(tensors, meta)``: on ``src`` its own tensors, elsewhere copies on that device."""
+    if not dist.is_initialized() or group_size(group if group is not None else dist.group.WORLD) == 1:
+        return tensors, meta
+    where = comm_device(group, device or torch.device("cpu"))
+    is_source = dist.get_rank() == src
+    header = None
+    if is_source:
+        header = ([(name, tuple(t.shape), t.dtype) for name, t in tensors.items()], meta)
+    specs, meta = broadcast_object(header, src=src, group=group, device=device)
+    received: dict[str, torch.Tensor] = {}
+    for dtype in dict.fromkeys(spec[2] for spec in specs):  # dtypes in order of first appearance
+        names = [(name, shape) for name, shape, spec_dtype in specs if spec_dtype == dtype]
+        wire = torch.uint8 if dtype == torch.bool else dtype  # bool travels as bytes (not every backend has it)
+        if is_source:
+            flat = torch.cat([tensors[name].detach().reshape(-1).to(where, wire) for name, _ in names])
+        else:
+            flat = torch.empty(sum(math.prod(shape) for _, shape in names), dtype=wire, device=where)
+        broadcast(flat, src, group)
+        if is_source:
+            continue
+        offset = 0
+        for name, shape in names:
+            size = math.prod(shape)
+            received[name] = flat[offset : offset + size].view(shape).to(dtype)
+            offset += size
+    if is_source:
+        return tensors, meta
+    return {name: received[name] for name, _, _ in specs}, meta
 
 
 def all_gather_object(obj, group) -> list:

@@ -20,6 +20,10 @@ plus one reference + text block (``(ceil(F / sp) + L) × D``) per window whose r
 rank holds only its branch. Nothing is gathered to the full sequence: the model shards every frame's tokens the same
 way on every window (``avatar/parallel/base.py``), so a frame's rows stay on the rank that computed them. Data-parallel
 groups exchange their windows' rows once per write step, so every group holds the rows of all windows.
+
+``host=True`` (``memory=low``, ``Placement.cache_on_host``) keeps the buffers in host memory (pinned when CUDA is
+there): a write copies the rows out of the GPU, a read copies a window's rows back in. The bytes are the same, so the
+output is too; the GPU then holds no cache at all between steps.
 """
 
 from __future__ import annotations
@@ -61,8 +65,11 @@ class CachePlan:
 class FrameBuffer:
     """One branch's buffers over ``num_frames`` absolute latent frames (this rank's sequence shard)."""
 
-    def __init__(self, num_frames: int) -> None:
+    def __init__(self, num_frames: int, host: bool = False) -> None:
         self.num_frames = num_frames
+        self.host = host
+        """Keep the rows in (pinned) host memory; reads return them on the device they were written from."""
+        self.device: torch.device | None = None  # where the rows come from and reads go to
         self.img: torch.Tensor | None = None  # [num_frames, F_local, D]
         self.writer = [-1] * num_frames  # window id whose reference/text rows slot k holds
         self.heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # window id -> (ref [F_local, D], txt [L, D])
@@ -72,11 +79,19 @@ class FrameBuffer:
         rows = cached.img[0]  # [T+1, F_local, D], frame 0 = reference
         if rows.shape[0] != len(frames) + 1:
             raise ValueError(f"cache write of {rows.shape[0] - 1} frames for a window of {len(frames)}")
+        txt = cached.txt[0]
         if self.img is None:
-            self.img = rows.new_zeros((self.num_frames, *rows.shape[1:]))
+            self.device = rows.device
+            if self.host:
+                pin = torch.cuda.is_available()
+                self.img = torch.zeros((self.num_frames, *rows.shape[1:]), dtype=rows.dtype, pin_memory=pin)
+            else:
+                self.img = rows.new_zeros((self.num_frames, *rows.shape[1:]))
+        if self.host:
+            rows, txt = rows.to("cpu"), txt.to("cpu")
         index = torch.as_tensor(frames, dtype=torch.long, device=rows.device)
         self.img.index_copy_(0, index, rows[1:])
-        self.heads[window] = (rows[0].clone(), cached.txt[0].clone())
+        self.heads[window] = (rows[0].clone(), txt.clone())
         for k in frames:
             self.writer[k] = window
         live = set(self.writer)
@@ -91,6 +106,8 @@ class FrameBuffer:
         ref, txt = self.heads[owner]
         index = torch.as_tensor(frames, dtype=torch.long, device=self.img.device)
         img = torch.cat([ref[None], self.img.index_select(0, index)])
+        if self.host:
+            img, txt = img.to(self.device), txt.to(self.device)
         return CachedInput(img=img[None], txt=txt[None])
 
     @property
@@ -134,6 +151,8 @@ class DeepCache:
 
     plan: CachePlan
     num_frames: int
+    host: bool = False
+    """The buffers in (pinned) host memory (``FrameBuffer.host``)."""
     stats: CacheStats = field(default_factory=CacheStats)
     buffers: dict[int, FrameBuffer] = field(default_factory=dict)
     staged: dict[int, dict[int, tuple[list[int], CachedInput]]] = field(default_factory=dict)
@@ -159,7 +178,7 @@ class DeepCache:
             staged = _exchange(staged, data_group)
         for window in sorted(staged):
             for branch, (frames, cached) in sorted(staged[window].items()):
-                buffer = self.buffers.setdefault(branch, FrameBuffer(self.num_frames))
+                buffer = self.buffers.setdefault(branch, FrameBuffer(self.num_frames, self.host))
                 buffer.write(window, frames, cached)
         self.staged = {}
         self.stats.writes += 1

@@ -236,11 +236,12 @@ def denoise_segment_step(
     return acc.result()
 
 
-def new_cache(sampling: SamplingConfig, num_frames: int) -> DeepCache | None:
-    """The deep cache over ``num_frames`` latents, or None with ``sampling.cache=false``."""
+def new_cache(sampling: SamplingConfig, num_frames: int, host: bool = False) -> DeepCache | None:
+    """The deep cache over ``num_frames`` latents (its buffers in host memory with ``host``), or None with
+    ``sampling.cache=false``."""
     if not sampling.cache:
         return None
-    return DeepCache(CachePlan.for_steps(sampling.steps, True), num_frames)
+    return DeepCache(CachePlan.for_steps(sampling.steps, True), num_frames, host=host)
 
 
 def denoise_window_strategy(

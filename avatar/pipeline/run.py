@@ -58,20 +58,38 @@ class Renderer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.timer = StageTimer()
         weights = Path(cfg.weights)
+        from avatar.memory import apply as mem
+
+        self.placement = mem.run_placement(cfg)
+        if topo.is_main:
+            log.info("memory: %s", mem.describe(self.placement, cfg.memory.mode))
         with self.timer("load_dit"):
             from avatar.weights.load import load_dit
 
-            self.model = load_dit(
-                weights, cfg.model, dtype=self.dtype, device=self.device, fp8=cfg.fp8, load_key=cfg.load_key
+            model = load_dit(
+                weights,
+                cfg.model,
+                dtype=self.dtype,
+                device=mem.dit_load_device(self.placement, self.device),
+                fp8=self.placement.fp8,
+                load_key=cfg.load_key,
+                fp8_compute=cfg.fp8_compute,
             )
-            self.model.set_sequence_parallel(topo.seq)
-            self.model.eval()
+            model.set_sequence_parallel(topo.seq)
+            model.eval()
+            if cfg.compile:
+                from avatar.models.compile import compile_blocks
+
+                log.info("compile=true: %d transformer blocks compiled (regional)", len(compile_blocks(model)))
+            self.dit = mem.place_dit(model, self.placement, topo, cfg.memory.token_chunk)
+            self.model = self.dit.model
         with self.timer("load_vae"):
             from avatar.config import OFFICIAL_VAE_DIR
             from avatar.models.vae import configure_tiling, load_vae
 
             vae_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-            self.vae = load_vae(weights / OFFICIAL_VAE_DIR, dtype=vae_dtype, device=self.device)
+            vae_device = torch.device("cpu") if self.dit.offload.enabled else self.device  # offload=model: parked
+            self.vae = load_vae(weights / OFFICIAL_VAE_DIR, dtype=vae_dtype, device=vae_device)
             configure_tiling(self.vae, cfg.model)
         self._encoders = None
         self.decode_stats = None
@@ -92,34 +110,36 @@ class Renderer:
             from avatar.models.text import TextEncoder
 
             weights = Path(self.cfg.weights)
-            text_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+            from avatar.memory.apply import encoder_device
+
+            device = encoder_device(self.placement, self.device)
+            text_dtype = torch.float16 if device.type == "cuda" else torch.float32
             with self.timer("load_encoders"):
                 self._encoders = dict(
                     audio=AudioFeatureEncoder(
                         weights / OFFICIAL_WHISPER_DIR,
-                        device=self.device,
+                        device=device,
                         context_seconds=self.cfg.audio.context_seconds,
                     ),
-                    face=FaceDetector(
-                        self.cfg.model.face_detector, weights / OFFICIAL_FACE_DETECTOR, device=self.device
-                    ),
+                    face=FaceDetector(self.cfg.model.face_detector, weights / OFFICIAL_FACE_DETECTOR, device=device),
                     text=TextEncoder(
                         weights / OFFICIAL_LLAVA_DIR,
                         weights / OFFICIAL_CLIP_DIR,
                         self.cfg.model,
                         dtype=text_dtype,
-                        device=self.device,
+                        device=device,
                     ),
                 )
         return self._encoders
 
     def conditioning(self, job: Job, inputs: Inputs) -> dn.Conditioning:
-        """Stages 2-5 run on rank 0; the result is broadcast to every rank."""
+        """Stages 2-5 run on rank 0; the result is broadcast to every rank (tensors as tensors, see
+        ``Topology.broadcast_fields``)."""
         cond = None
         if self.topo.is_main:
             cond = self._encode(job, inputs)
         with self.timer("broadcast_conditioning"):
-            cond = self.topo.broadcast_object(cond, src=0)
+            cond = self.topo.broadcast_fields(cond, src=0)
         return cond
 
     def _encode(self, job: Job, inputs: Inputs) -> dn.Conditioning:
@@ -153,7 +173,8 @@ class Renderer:
             generator = (
                 torch.Generator(device="cpu").manual_seed(job.seed + 1) if cfg.sampling.reference_sample else None
             )
-            ref = encode_reference(self.vae, pixels, generator)
+            with self.dit.offload.onload(self.vae):
+                ref = encode_reference(self.vae, pixels, generator)
         return dn.Conditioning(
             audio_feats=audio_feats.float().cpu(),
             face_mask=mask.float().cpu(),
@@ -318,8 +339,8 @@ class Renderer:
         if strategy.name == "segments":
             return self._render_segments(job, strategy, noise, velocity, writer, inputs, resume)
         start_step, latents = resume.load(noise.shape)
-        cache = dn.new_cache(velocity.sampling, strategy.domain)
-        with self.timer("denoise"):
+        cache = dn.new_cache(velocity.sampling, strategy.domain, host=self.placement.cache_on_host)
+        with self.timer("denoise"), self.dit.offload.onload(self.model):
             latents = dn.denoise_lockstep(
                 strategy, velocity, noise, cache, on_step=resume.on_step, start_step=start_step, latents=latents
             )
@@ -399,8 +420,8 @@ class Renderer:
                         mine[i] = (
                             resumed.to(self.device) if resumed is not None else noise[:, :, start : start + window]
                         )
-                caches = {i: dn.new_cache(sampling, window) for i in mine}
-                with self.timer("denoise"):
+                caches = {i: dn.new_cache(sampling, window, host=self.placement.cache_on_host) for i in mine}
+                with self.timer("denoise"), self.dit.offload.onload(self.model):
                     for step in dn.steps_range(min(starts.values()), sampling.steps, topo):
                         for i in mine:
                             if step >= starts[i]:
@@ -437,10 +458,11 @@ class Renderer:
         from avatar.models.vae import to_vae_space
         from avatar.pipeline.decode import distributed_decode_frames
 
-        stats = self.decode_stats
-        for frames in distributed_decode_frames(self.vae, to_vae_space(self.vae, latents), self.topo, stats):
-            if self.topo.is_main:
-                yield to_uint8(frames)
+        with self.dit.offload.onload(self.vae):
+            stats = self.decode_stats
+            for frames in distributed_decode_frames(self.vae, to_vae_space(self.vae, latents), self.topo, stats):
+                if self.topo.is_main:
+                    yield to_uint8(frames)
 
     # --- reports ------------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ identity.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,22 @@ class Topology:
         if not self.distributed:
             return obj
         return comm.broadcast_object(obj, src=self.leader + src, group=self.group, device=self.device)
+
+    def broadcast_fields(self, obj, src: int = 0):
+        """Send a dataclass instance from rank ``src`` of the group to every rank of it: its tensor fields as tensors
+        (``comm.broadcast_tensors``, one collective per dtype), only the class and the other fields pickled.
+        Elsewhere the tensors arrive on the group's device (CPU under gloo); on ``src`` ``obj`` itself is returned."""
+        if not self.distributed:
+            return obj
+        tensors = meta = None
+        if self.rank == src:
+            values = {f.name: getattr(obj, f.name) for f in fields(obj)}
+            tensors = {name: v for name, v in values.items() if isinstance(v, torch.Tensor)}
+            meta = (type(obj), {name: v for name, v in values.items() if name not in tensors})
+        tensors, (cls, rest) = comm.broadcast_tensors(
+            tensors, src=self.leader + src, group=self.group, device=self.device, meta=meta
+        )
+        return obj if self.rank == src else cls(**tensors, **rest)
 
     def all_gather_cfg(self, branch: torch.Tensor) -> torch.Tensor:
         """CFG-parallel: each half holds one branch ``[1, ...]``; return ``[2, ...]`` ordered (uncond, cond)."""

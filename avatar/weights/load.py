@@ -18,13 +18,14 @@ from torch import nn
 from avatar.config import OFFICIAL_DIT_FILE, OFFICIAL_DIT_FP8_FILE, ModelConfig
 from avatar.io.errors import InputError
 from avatar.models.transformer import AvatarDiT
+from avatar.weights import fp8 as fp8_ops
 from avatar.weights.files import safe_torch_load, safetensors_header
 from avatar.weights.layout import FP8_BLOCK_PREFIXES, FP8_DTYPE, expected_state_dict, fp8_map_path, is_fp8_weight
 
 log = logging.getLogger(__name__)
 
 #: Largest finite float8_e4m3fn value; per-layer scale = amax / FP8_MAX.
-FP8_MAX = 448.0
+FP8_MAX = fp8_ops.FP8_MAX
 
 
 class CheckpointMismatch(ValueError):
@@ -32,7 +33,8 @@ class CheckpointMismatch(ValueError):
 
 
 class FP8Linear(nn.Module):
-    """nn.Linear whose weight stays float8 in memory and is dequantised at use: ``weight.to(dtype) * scale``."""
+    """nn.Linear whose weight stays float8 in memory and is dequantised at use: ``weight.to(dtype) * scale``; with
+    ``compute_fp8`` (``avatar.weights.fp8.enable_fp8_compute``) a scaled fp8 matmul instead."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
         super().__init__()
@@ -46,14 +48,20 @@ class FP8Linear(nn.Module):
         )
         # Not in the state dict: the scale lives in the ``_map.pt`` file.
         self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
+        self.compute_fp8 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute_fp8:
+            return fp8_ops.scaled_fp8_linear(x, self.weight, self.scale_row, self.bias)
         weight = self.weight.to(x.dtype) * self.scale.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
 
     def forward_rows(self, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
         """Output features ``[start, stop)`` of ``forward(x)``, dequantising only those weight rows."""
+        if self.compute_fp8:
+            bias = None if self.bias is None else self.bias[start:stop]
+            return fp8_ops.scaled_fp8_linear(x, self.weight[start:stop], self.scale_row[:, start:stop], bias)
         weight = self.weight[start:stop].to(x.dtype) * self.scale.to(x.dtype)
         bias = None if self.bias is None else self.bias[start:stop].to(x.dtype)
         return F.linear(x, weight, bias)
@@ -243,8 +251,10 @@ def load_dit(
     device: torch.device | str,
     fp8: bool = False,
     load_key: str = "module",
+    fp8_compute: bool = False,
 ) -> AvatarDiT:
-    """Build the DiT and load its weights strictly (raises ``CheckpointMismatch`` listing every problem)."""
+    """Build the DiT and load its weights strictly (raises ``CheckpointMismatch`` listing every problem). With
+    ``fp8`` and ``fp8_compute`` the fp8 linears run as scaled fp8 matmuls (``avatar/weights/fp8.py``)."""
     files = dit_checkpoint_files(weights_dir, fp8)
     found = read_metadata(files, load_key)
     scales = read_fp8_scales(files[0]) if fp8 else None
@@ -266,13 +276,21 @@ def load_dit(
     model.load_state_dict(tensors, strict=True, assign=True)
     for name in fp8_layers:
         model.get_submodule(name).scale = scales[name].to(device=device, dtype=torch.float32).reshape(())
+    if fp8 and fp8_compute:
+        fp8_ops.enable_fp8_compute(model)
     still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise CheckpointMismatch(f"not loaded: {still_meta}")
     model.requires_grad_(False)
     model.eval()
-    log.info("loaded DiT from %s (%d tensors, %s%s)", files[0], len(tensors), dtype, ", fp8 blocks" if fp8 else "")
+    log.info("loaded DiT from %s (%d tensors, %s%s)", files[0], len(tensors), dtype, _fp8_note(fp8, fp8_compute))
     return model
+
+
+def _fp8_note(fp8: bool, fp8_compute: bool) -> str:
+    if not fp8:
+        return ""
+    return ", fp8 blocks, scaled fp8 matmuls" if fp8_compute else ", fp8 blocks, dequantised per call"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

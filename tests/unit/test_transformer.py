@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from avatar.config import ModelConfig
-from avatar.models.transformer import AvatarDiT, CachedInput, apply_rope, refiner_pair_mask, rope_table
+from avatar.models.transformer import (
+    SHAPE_CACHE_SIZE,
+    AvatarDiT,
+    CachedInput,
+    apply_rope,
+    refiner_pair_mask,
+    rope_table,
+)
 
 NUM_FRAMES = 3
 LATENT = 8
@@ -282,3 +289,40 @@ def test_token_chunked_forward_is_bit_identical(dtype):
     model.set_token_chunk(None)
     with pytest.raises(ValueError, match="token chunk"):
         model.set_token_chunk(0)
+
+
+@torch.no_grad()
+def test_shape_tables_built_once_per_shape_and_reused_bit_identically():
+    """A second forward of a shape (and its cached steps) reuses the RoPE tables; a new shape builds its own; the
+    cache keeps the last SHAPE_CACHE_SIZE shapes; outputs equal those of a model that builds them afresh."""
+    torch.manual_seed(0)
+    model = AvatarDiT(tiny_config()).eval()
+    inputs = make_inputs(model.cfg)
+    first, cached = model(**inputs, cache="store")
+    assert model.num_table_builds == 1
+    second = model(**inputs)
+    reused = model(**inputs, cache="reuse", cached=cached)
+    assert model.num_table_builds == 1
+    assert torch.equal(second, first) and torch.equal(reused, first)
+    cos, sin = rope_table(model.cfg, NUM_FRAMES, LATENT // 2, LATENT // 2)
+    ((rope_cos, rope_sin, img_key_mask, _),) = model._tables.values()
+    assert torch.equal(rope_cos, cos) and torch.equal(rope_sin, sin) and img_key_mask is None
+
+    # Other shapes: each built once; the first shape's entry is dropped after SHAPE_CACHE_SIZE newer ones.
+    channels = model.cfg.latent_channels
+    for count, side in enumerate((2, 4, 6, 10)[:SHAPE_CACHE_SIZE], start=1):
+        model(
+            **{
+                **inputs,
+                "x": torch.randn(1, channels, NUM_FRAMES, side, side),
+                "ref_latents": torch.randn(1, channels, NUM_FRAMES, side, side),
+                "face_mask": torch.ones(1, 1, 1, side, side),
+            }
+        )
+        assert model.num_table_builds == 1 + count
+        assert len(model._tables) == min(1 + count, SHAPE_CACHE_SIZE)
+    assert model(**inputs) is not None and model.num_table_builds == 2 + SHAPE_CACHE_SIZE  # dropped, rebuilt
+    model._tables.clear()
+    assert torch.equal(model(**inputs), first)
+    model.set_sequence_parallel(model.seq)
+    assert not model._tables
