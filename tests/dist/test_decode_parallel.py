@@ -30,10 +30,9 @@ def decode(vae_dir, model_cfg, topo):
 
 
 def worker(rank: int, world: int, vae_dir, cfg):
-    from launch.dist import DistEnv
-    from launch.topology import build_topology
+    from launch.plan import resolve_plan
 
-    topo, _ = build_topology(cfg, DistEnv(rank=rank, world_size=world))
+    topo, _ = resolve_plan(cfg, world).build_mesh("cpu").topologies(rank, torch.device("cpu"), cfg.attention)
     return decode(vae_dir, cfg.model, topo)
 
 
