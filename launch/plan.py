@@ -513,6 +513,26 @@ def placement_lines(plan: ParallelPlan) -> list[str]:
     return lines
 
 
+def sequence_padding_line(
+    sequence_size: int, model: ModelConfig, image_size: tuple[int, int] | None = None, video_frames: int | None = None
+) -> str:
+    """``padding: N tokens (P %)`` of one sequence (reference frame + the latent frames of ``video_frames``, default
+    the model's window, at ``image_size`` (height, width), default ``model.image_size`` square) over
+    ``sequence_size`` ranks, by the model's own token-level sharding (``avatar.parallel.base.sequence_padding``)."""
+    from avatar.parallel.base import sequence_padding
+
+    height, width = image_size or (model.image_size, model.image_size)
+    frames = video_frames or model.window_frames
+    _, patch_h, patch_w = model.patch_size
+    per_frame = (height // model.vae_spatial_ratio // patch_h) * (width // model.vae_spatial_ratio // patch_w)
+    num_tokens = ((frames - 1) // model.vae_temporal_ratio + 2) * per_frame
+    padding = sequence_padding(num_tokens, sequence_size)
+    return (
+        f"padding: {padding} tokens ({100 * padding / num_tokens:.3f} %) of {num_tokens} image tokens "
+        f"({height}×{width}, {frames} frames) over {sequence_size} sequence-parallel ranks"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m launch.plan world=8 model=hunyuan_avatar``: print the plan and why."""
     argv = sys.argv[1:] if argv is None else argv
@@ -545,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"  {reason}" for reason in plan.reasons]
     lines += placement_lines(plan)
     lines += [f"warning: {line}" for line in plan.warnings]
+    model_name = dict(arg.partition("=")[::2] for arg in argv).get("model", "hunyuan_avatar")
+    from launch.config import compose
+
+    lines.append(sequence_padding_line(plan.sequence_size, compose([f"model={model_name}"]).model))
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -270,17 +270,18 @@ def check_jobs(cfg: RunConfig, jobs: list, sequence_degree: int = 1) -> None:
 
 
 def check_xfuser_image(cfg: RunConfig, width: int, height: int, sequence_degree: int) -> None:
-    """``attention.backend=xfuser``: the tokens the sequence-parallel ranks shard (one latent frame's, for this
-    image's bucket) must divide over ring·ulysses (``avatar.parallel.xfuser.xfuser_token_problem``); InputError
-    otherwise."""
+    """``attention.backend=xfuser``: the tokens the sequence-parallel ranks shard (the image tokens of one window's
+    sequence, reference frame included, for this image's bucket) must divide over ring·ulysses
+    (``avatar.parallel.xfuser.xfuser_token_problem``); InputError otherwise."""
     from avatar.io.image import bucket_size
     from avatar.parallel.xfuser import xfuser_token_problem
 
     m = cfg.model
     bucket_w, bucket_h = bucket_size(width, height, m.image_size, m.bucket_multiple)
     _, ph, pw = m.patch_size
-    tokens = (bucket_h // m.vae_spatial_ratio // ph) * (bucket_w // m.vae_spatial_ratio // pw)
-    problem = xfuser_token_problem(tokens, sequence_degree)
+    per_frame = (bucket_h // m.vae_spatial_ratio // ph) * (bucket_w // m.vae_spatial_ratio // pw)
+    tokens = ((m.window_frames - 1) // m.vae_temporal_ratio + 2) * per_frame  # window latents + the reference frame
+    problem = xfuser_token_problem(tokens, sequence_degree, "image tokens")
     if problem is not None:
         raise InputError(f"{problem} (a {width}×{height} image → the {bucket_w}×{bucket_h} bucket)")
 

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
+from avatar.attention import attention
 from avatar.config import FPS, OFFICIAL_MOTION_EXP, OFFICIAL_MOTION_POSE, ModelConfig
-from avatar.parallel.base import LocalSequence
+from avatar.parallel.base import JointLengths, LocalSequence, frame_runs
 
 #: Motion scalars embedded per sample (each to hidden_size // 4, concatenated to hidden_size).
 NUM_MOTION_SCALARS = 4
@@ -40,8 +43,9 @@ SHAPE_CACHE_SIZE = 4
 
 @dataclass
 class CachedInput:
-    """Input of the last single block, this rank's sequence shard: img ``[B, T+1, F_local, D]`` (frame 0 = the
-    reference frame, F_local = the rank's slice of every frame's tokens), txt ``[B, L, D]``."""
+    """Input of the last single block, this rank's part in the frame-sliced layout (``avatar/parallel/base.py``):
+    img ``[B, T+1, F_local, D]`` (frame 0 = the reference frame, F_local = ceil(F / W) tokens of every frame),
+    txt ``[B, L, D]``."""
 
     img: torch.Tensor
     txt: torch.Tensor
@@ -257,14 +261,11 @@ class RefinerBlock(nn.Module):
         self.mlp = MLP(dim, mlp_hidden, nn.SiLU())
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, segments: list[RefinerSegment]) -> torch.Tensor:
         gate_msa, gate_mlp = self.adaLN_modulation(c).chunk(2, dim=-1)
         q, k, v = split_heads(self.self_attn_qkv(self.norm1(x)), self.num_heads)
-        # A pairwise [B, 1, L, L] mask (not a key mask), so the attention facade does not apply here.
-        attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=pair_mask
-        )
-        x = x + gate(self.self_attn_proj(attn.transpose(1, 2).flatten(2)), gate_msa)
+        attn = refiner_attention(q, k, v, segments)
+        x = x + gate(self.self_attn_proj(attn.flatten(2)), gate_msa)
         x = x + gate(self.mlp(self.norm2(x)), gate_mlp)
         return x
 
@@ -274,10 +275,12 @@ class IndividualTokenRefiner(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([RefinerBlock(dim, num_heads, mlp_hidden) for _ in range(depth)])
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pair_mask = refiner_pair_mask(mask)
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, segments: list[RefinerSegment] | None = None
+    ) -> torch.Tensor:
+        segments = refiner_segments(mask) if segments is None else segments
         for block in self.blocks:
-            x = block(x, c, pair_mask)
+            x = block(x, c, segments)
         return x
 
 
@@ -290,6 +293,62 @@ def refiner_pair_mask(mask: torch.Tensor) -> torch.Tensor:
     return pair
 
 
+@dataclass(frozen=True)
+class RefinerSegment:
+    """The refiner's positional mask (:func:`refiner_pair_mask`) for some batch ``rows`` as index sets: the
+    ``queries`` (mask 1) attend to ``keys`` (mask 1, plus position 0); every other position sees key 0 only, so its
+    output is v of position 0. None: every position (a full, unmasked attention)."""
+
+    rows: slice
+    queries: torch.Tensor | None
+    keys: torch.Tensor | None
+    others: torch.Tensor | None
+
+
+def refiner_segments(mask: torch.Tensor) -> list[RefinerSegment]:
+    """The host-known index sets of ``mask`` ``[B, L]`` (one host read of the small mask): one segment when every
+    row has the same mask, else one per row."""
+    keep = mask.bool().tolist()
+    groups = (
+        [(slice(None), keep[0])]
+        if all(row == keep[0] for row in keep)
+        else [(slice(b, b + 1), row) for b, row in enumerate(keep)]
+    )
+    segments = []
+    for rows, row in groups:
+        if all(row):
+            segments.append(RefinerSegment(rows, None, None, None))
+            continue
+        queries = [i for i, on in enumerate(row) if on]
+        keys = sorted({0, *queries})
+        others = [i for i, on in enumerate(row) if not on]
+
+        def index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=mask.device)
+
+        segments.append(RefinerSegment(rows, index(queries), index(keys), index(others)))
+    return segments
+
+
+def refiner_attention(q, k, v, segments: list[RefinerSegment]) -> torch.Tensor:
+    """The refiner's masked self-attention without a mask: q/k/v ``[B, L, H, Dh]`` → ``[B, L, H, Dh]``."""
+    if len(segments) == 1 and segments[0].queries is None:
+        return attention(q, k, v)
+    out = torch.empty_like(q)
+    for seg in segments:
+        if seg.queries is None:
+            out[seg.rows] = attention(q[seg.rows], k[seg.rows], v[seg.rows])
+            continue
+        rows_q, rows_k, rows_v = q[seg.rows], k[seg.rows], v[seg.rows]
+        part = out[seg.rows]
+        if seg.queries.numel():
+            part[:, seg.queries] = attention(
+                rows_q.index_select(1, seg.queries), rows_k.index_select(1, seg.keys), rows_v.index_select(1, seg.keys)
+            )
+        part[:, seg.others] = rows_v[:, :1].expand(-1, seg.others.numel(), -1, -1)  # part is a view of out
+    return out
+
+
 class SingleTokenRefiner(nn.Module):
     """``txt_in``: mean-pool the raw states over the mask, condition on t + pool, embed, refine."""
 
@@ -300,13 +359,16 @@ class SingleTokenRefiner(nn.Module):
         self.c_embedder = TextProjection(in_dim, dim)
         self.individual_token_refiner = IndividualTokenRefiner(dim, num_heads, mlp_hidden, depth)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, segments: list[RefinerSegment] | None = None
+    ) -> torch.Tensor:
+        """``segments``: ``refiner_segments(mask)`` when the caller has them (they need a host read of the mask)."""
         dtype = self.input_embedder.weight.dtype
         mask_float = mask.float().unsqueeze(-1)
         pooled = (x.float() * mask_float).sum(dim=1) / mask_float.sum(dim=1)
         c = self.t_embedder(t) + self.c_embedder(pooled.to(dtype))
         x = self.input_embedder(x.to(dtype))
-        return self.individual_token_refiner(x, c, mask)
+        return self.individual_token_refiner(x, c, mask, segments)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -389,7 +451,7 @@ class DoubleStreamBlock(nn.Module):
         self.token_chunk: int | None = None
         """Image tokens per chunk of the MLP half (None: all at once); set by ``AvatarDiT.set_token_chunk``."""
 
-    def forward(self, img, txt, vec, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask):
+    def forward(self, img, txt, vec, rope_cos, rope_sin, seq, lengths: JointLengths):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec).chunk(6, dim=-1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec).chunk(6, dim=-1)
 
@@ -407,7 +469,7 @@ class DoubleStreamBlock(nn.Module):
         txt_q = self.txt_attn_q_norm(txt_q).to(txt_v.dtype)
         txt_k = self.txt_attn_k_norm(txt_k).to(txt_v.dtype)
 
-        img_attn, txt_attn = seq.joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, img_key_mask, txt_key_mask)
+        img_attn, txt_attn = seq.joint_attention(img_q, img_k, img_v, txt_q, txt_k, txt_v, lengths)
 
         img = img + gate(self.img_attn_proj(img_attn.flatten(2)), img_gate1)
         del img_attn, img_q, img_k, img_v
@@ -440,7 +502,7 @@ class SingleStreamBlock(nn.Module):
         self.token_chunk: int | None = None
         """Tokens per chunk of ``linear1``/MLP/``linear2`` (None: all at once); set by ``AvatarDiT.set_token_chunk``."""
 
-    def forward(self, x, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask):
+    def forward(self, x, vec, num_txt, rope_cos, rope_sin, seq, lengths: JointLengths):
         shift, scale, gate_values = self.modulation(vec).chunk(3, dim=-1)
         # linear1 in token chunks and in two halves by output features (the same dot products as the whole layer):
         # first q, k, v into three buffers (so the raw q and k die at their norms), then, after the attention, the
@@ -463,7 +525,7 @@ class SingleStreamBlock(nn.Module):
         img_q = apply_rope(q[:, :num_img], rope_cos, rope_sin)
         img_k = apply_rope(k[:, :num_img], rope_cos, rope_sin)
         img_attn, txt_attn = seq.joint_attention(
-            img_q, img_k, v[:, :num_img], q[:, num_img:], k[:, num_img:], v[:, num_img:], img_key_mask, txt_key_mask
+            img_q, img_k, v[:, :num_img], q[:, num_img:], k[:, num_img:], v[:, num_img:], lengths
         )
         attn = torch.cat([img_attn, txt_attn], dim=1).flatten(2)
         del q, k, v, img_q, img_k, img_attn, txt_attn
@@ -654,30 +716,22 @@ class AvatarDiT(nn.Module):
         vec = vec + self.fps_proj(fps)
         vec = vec + self.vector_in(text_states_2)
 
-        # Positions, key masks (this rank's slice of every frame's tokens).
+        # Positions (this rank's contiguous slice of the token sequence) and the host-known attention lengths.
         tokens_per_frame = grid_h * grid_w
+        num_img = num_seq_frames * tokens_per_frame
 
         def build_tables():  # shape-only: built once per shape, device and sequence rank (``_shape_tables``)
             cos, sin = rope_table(cfg, num_frames, grid_h, grid_w, device=x.device)
-            return (
-                seq.shard_tokens(cos, num_seq_frames, dim=0),
-                seq.shard_tokens(sin, num_seq_frames, dim=0),
-                seq.padding_key_mask(num_seq_frames, tokens_per_frame, x.device),
-                cos.new_empty((cos.shape[0], 0)),
-            )
+            return seq.shard_tokens(cos, dim=0), seq.shard_tokens(sin, dim=0)
 
-        rope_cos, rope_sin, img_key_mask, layout = self._shape_tables(
-            (num_frames, grid_h, grid_w), x.device, build_tables
-        )
-        # The Ulysses sequence learns the token layout from what it shards; a cached step shards nothing else, so
-        # shard the empty stand-in (no data, no copy) to keep it current.
-        seq.shard_tokens(layout, num_seq_frames, dim=0)
-        txt_key_mask = torch.arange(num_txt, device=x.device)[None, :] < text_mask.sum(dim=1, keepdim=True)
+        rope_cos, rope_sin = self._shape_tables((num_frames, grid_h, grid_w), x.device, build_tables)
+        text_counts, refiner_index = self._text_layout(text_mask)
+        lengths = JointLengths(num_img=num_img, num_txt=text_counts)
 
         if cache == "reuse":
             if cached is None:
                 raise ValueError("cache='reuse' needs the CachedInput of an earlier cache='store' call")
-            x_seq = torch.cat([cached.img.flatten(1, 2), cached.txt], dim=1)
+            x_seq = torch.cat([seq.from_frame_slices(cached.img, tokens_per_frame), cached.txt], dim=1)
         else:
             # 2. Audio tokens, grouped per latent frame: [B, 4T-3, A, D] -> [B, T, 4A, D].
             expected_audio = AUDIO_FRAMES_PER_LATENT * (num_frames - 1) + 1
@@ -696,46 +750,82 @@ class AvatarDiT(nn.Module):
             del ref
             ref_first = self.img_in(ref_latents[:, :, :1].to(dtype))
             img = torch.cat([ref_first, img], dim=1)
-            img = seq.shard_tokens(img, num_seq_frames)
+            img = seq.shard_tokens(img)
 
             # 4. Text tokens.
-            txt = self.txt_in(text_states, t, text_mask)
+            txt = self.txt_in(text_states, t, text_mask, refiner_index)
 
             # 5. Face mask per token (zero on the reference frame); audio tokens per sequence frame (zero on the
             # reference frame, whose adapter output the mask zeroes anyway).
             token_face_mask = self._token_face_mask(face_mask, num_frames, grid_h, grid_w)
-            token_face_mask = seq.shard_tokens(token_face_mask, num_seq_frames).unsqueeze(-1)
+            token_face_mask = seq.shard_tokens(token_face_mask).unsqueeze(-1)
             frame_audio = torch.cat([torch.zeros_like(audio[:, :1]), audio], dim=1)
 
             # 6. Double blocks, each followed by its audio adapter where configured.
             for index, block in enumerate(self.double_blocks):
-                img, txt = block(img, txt, vec, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask)
+                img, txt = block(img, txt, vec, rope_cos, rope_sin, seq, lengths)
                 if index in self.adapter_index:
                     adapter = self.audio_adapter_blocks[self.adapter_index[index]]
-                    frames = img.unflatten(1, (num_seq_frames, -1)).to(adapter.to_q.weight.dtype)
-                    out = adapter(frame_audio.to(frames.dtype), frames).flatten(1, 2)
+                    out = self._audio_adapter(adapter, img, frame_audio, seq.token_range(num_img), tokens_per_frame)
                     img = img + (out * token_face_mask).to(img.dtype)
-                    del frames, out
+                    del out
 
             # 7. Single blocks on [img; txt], all but the last (the cache point).
             x_seq = torch.cat([img, txt], dim=1)
             del img, txt, audio, frame_audio, token_face_mask
             for block in self.single_blocks[:-1]:
-                x_seq = block(x_seq, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask)
+                x_seq = block(x_seq, vec, num_txt, rope_cos, rope_sin, seq, lengths)
 
         stored = None
         if cache == "store":
-            stored = CachedInput(img=x_seq[:, :-num_txt].unflatten(1, (num_seq_frames, -1)), txt=x_seq[:, -num_txt:])
-        x_seq = self.single_blocks[-1](x_seq, vec, num_txt, rope_cos, rope_sin, seq, img_key_mask, txt_key_mask)
+            img_rows = seq.to_frame_slices(x_seq[:, :-num_txt], num_seq_frames, tokens_per_frame)
+            stored = CachedInput(img=img_rows, txt=x_seq[:, -num_txt:])
+        x_seq = self.single_blocks[-1](x_seq, vec, num_txt, rope_cos, rope_sin, seq, lengths)
 
         # 8. Output: final layer on the local image tokens, gather, drop the reference frame, unpatchify.
         out = self.final_layer(x_seq[:, :-num_txt], vec)
         del x_seq
-        out = seq.gather_tokens(out, num_seq_frames, tokens_per_frame)[:, tokens_per_frame:]
+        out = seq.gather_tokens(out, num_img)[:, tokens_per_frame:]
         velocity = self._unpatchify(out, num_frames, grid_h, grid_w)
         return (velocity, stored) if cache == "store" else velocity
 
     # --- forward helpers -----------------------------------------------------------------------------------------
+
+    def _text_layout(self, text_mask: torch.Tensor) -> tuple[tuple[int, ...], list[RefinerSegment]]:
+        """``(valid text tokens per batch row, refiner_segments(text_mask))``: the count is ``sum(mask)``, the official
+        ``cu_seqlens`` count. Read to the host once per mask tensor (the pipeline passes the same few masks every step;
+        a mask changed in place is read again)."""
+        if text_mask.device.type == "meta" or is_fake(text_mask):
+            # No values to read (the memory model's fake forward): every text token valid, the largest layout.
+            batch, num_txt = text_mask.shape
+            return (num_txt,) * batch, [RefinerSegment(slice(None), None, None, None)]
+        memo = self.__dict__.setdefault("_text_layout_memo", {})
+        key = id(text_mask)
+        hit = memo.get(key)
+        if hit is not None and hit[0]() is text_mask and hit[1] == text_mask._version:
+            return hit[2]
+        layout = (tuple(int(n) for n in text_mask.sum(dim=1).tolist()), refiner_segments(text_mask))
+        for stale in [k for k, entry in memo.items() if entry[0]() is None]:
+            del memo[stale]
+        memo[key] = (weakref.ref(text_mask), text_mask._version, layout)
+        return layout
+
+    def _audio_adapter(self, adapter, img, frame_audio, token_range, tokens_per_frame) -> torch.Tensor:
+        """``adapter`` on this rank's image tokens ``[B, S, D]``, each token with its frame's audio tokens
+        (``frame_audio`` ``[B, T+1, 4A, D]``): one call per run of whole frames or part of a frame; zero on the
+        padding rows."""
+        dtype = adapter.to_q.weight.dtype
+        start, stop = token_range
+        video = img.to(dtype)
+        parts = [
+            adapter(
+                frame_audio[:, first : first + count].to(dtype), video[:, begin:end].unflatten(1, (count, -1))
+            ).flatten(1, 2)
+            for first, count, begin, end in frame_runs(start, stop, tokens_per_frame)
+        ]
+        if video.shape[1] > stop - start:
+            parts.append(video.new_zeros((video.shape[0], video.shape[1] - (stop - start), video.shape[2])))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _shape_tables(self, shape: tuple, device: torch.device, build) -> tuple:
         """``build()`` (tensors that only the token-grid ``shape`` decides: RoPE rows, masks) from the per-shape cache

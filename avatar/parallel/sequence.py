@@ -1,24 +1,25 @@
 """Sequence parallelism on torch.distributed: Ulysses (all-to-all over heads), Ring (k/v blocks passed around with
 log-sum-exp merging), and both together (USP: Ulysses inside, Ring across).
 
-Shapes: B batch, S image tokens held by this rank, L text tokens (replicated), H heads, D head dim, U ulysses size,
-R ring size, h = H/U heads after the head scatter.
+Shapes: B batch, N image tokens of the whole sequence, S = ceil(N / (R·U)) image tokens held by this rank, L text
+tokens (replicated), H heads, D head dim, U ulysses size, R ring size, h = H/U heads after the head scatter.
 
-Sharding is within frames (``avatar/parallel/base.py``): sequence rank s = ring_rank·U + ulysses_rank holds tokens
-``[s·n, (s+1)·n)`` of every latent frame, n = ceil(F / (R·U)); where R·U does not divide the F tokens of a frame the
-slices are zero-padded and the padding is masked as keys, so any token count and any world size work. After the
-Ulysses all-to-all, ring rank r holds the tokens of sequence ranks ``r·U … r·U+U−1``.
+Sharding is token-level (``avatar/parallel/base.py``): sequence rank s = ring_rank·U + ulysses_rank holds tokens
+``[s·S, (s+1)·S)`` of the flat sequence; only the last rank(s) hold padding (fewer than R·U tokens in all). After the
+Ulysses all-to-all, ring rank r holds the contiguous tokens ``[r·U·S, (r+1)·U·S)`` in sequence order, so the padding
+is at the end of the last ring block: it is sliced off before every kernel (host-known lengths), never masked.
 
-Collectives per ``joint_attention`` call (all counted in ``avatar.parallel.comm``):
+Collectives per ``joint_attention`` call and text group (all counted in ``avatar.parallel.comm``):
 
-- Ulysses: 1 all_to_all (q, k, v and the image key mask packed into one buffer), 1 all_to_all back (image output),
-  1 all_gather (text output heads).
-- Ring: R−1 isend/irecv pairs (k, v and the key mask packed), 1 all_gather of the text queries' partial results.
+- Ulysses: 1 all_to_all (q, k, v packed into one buffer), 1 all_to_all back (image output), 1 all_gather (text
+  output heads).
+- Ring: R−1 isend/irecv pairs (k and v packed), 1 all_gather of the text queries' partial results.
 - USP: the sum of both.
 
-Text tokens in Ring: every rank holds all text keys; image queries attend to them once (at the local step), and
-text queries attend to them only on ring rank 0. Each rank's text-query partial ``(out, lse)`` over its own image
-block is all-gathered and merged in ring-rank order, so the text output is bit-identical on every rank.
+Text tokens in Ring: every rank holds all text keys; image queries attend to the valid ones once (at the local step),
+and valid text queries attend to them only on ring rank 0. Each rank's text-query partial ``(out, lse)`` over its own
+image block is all-gathered and merged in ring-rank order, so the text output is bit-identical on every rank. The
+padded text tokens' own segment is computed on every rank without communication (``LocalSequence.joint_attention``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from avatar.attention import attention
 from avatar.attention.lse import attention_with_lse, merge_partials
 from avatar.parallel import comm
-from avatar.parallel.base import LocalSequence, unshard_tokens
+from avatar.parallel.base import LocalSequence, shard_frames, shard_tokens, unshard_frames, unshard_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +57,8 @@ class DistributedSequence(LocalSequence):
 
     # --- tokens ------------------------------------------------------------------------------------------------------
 
-    def shard_tokens(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
-        """This rank's slice of every frame (``LocalSequence.shard_tokens``); remembers the layout so that Ulysses can
-        put the gathered sequence back into token order."""
-        self._layout = (num_frames, x.shape[dim] // num_frames)
-        return super().shard_tokens(x, num_frames, dim)
-
-    def gather_tokens(self, x: torch.Tensor, num_frames: int, tokens_per_frame: int, dim: int = 1) -> torch.Tensor:
-        """Inverse of ``shard_tokens``: every rank gets the whole sequence, padding dropped."""
+    def _all_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every sequence rank's ``x`` (equal shapes), in sequence-rank order."""
         x = x.contiguous()
         parts = [x]
         if self.ulysses_size > 1:
@@ -72,95 +67,61 @@ class DistributedSequence(LocalSequence):
             # Sequence rank s = ring_rank·U + ulysses_rank: gather the ulysses-ordered stack over the ring.
             stacked = torch.stack(parts)
             parts = [p for block in comm.all_gather(stacked, self.ring_group) for p in block.unbind(0)]
-        return unshard_tokens(parts, num_frames, tokens_per_frame, dim)
+        return parts
+
+    def gather_tokens(self, x: torch.Tensor, num_tokens: int, dim: int = 1) -> torch.Tensor:
+        """Inverse of ``shard_tokens``: every rank gets the whole sequence, padding dropped."""
+        return unshard_tokens(self._all_parts(x), num_tokens, dim)
+
+    def to_frame_slices(self, x: torch.Tensor, num_frames: int, tokens_per_frame: int) -> torch.Tensor:
+        """This rank's token shard ``[B, S, C]`` → its frame slices ``[B, num_frames, ceil(F / W), C]`` (one gather of
+        the sequence; the deep cache's write steps only)."""
+        full = self.gather_tokens(x, num_frames * tokens_per_frame)
+        return shard_frames(full, num_frames, self.rank, self.world)
+
+    def from_frame_slices(self, x: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+        """Inverse of ``to_frame_slices`` (one gather; the deep cache's cached steps only)."""
+        full = unshard_frames(self._all_parts(x), tokens_per_frame)
+        return shard_tokens(full, self.rank, self.world)
 
     # --- attention ---------------------------------------------------------------------------------------------------
 
-    def joint_attention(
-        self,
-        img_q: torch.Tensor,
-        img_k: torch.Tensor,
-        img_v: torch.Tensor,
-        txt_q: torch.Tensor,
-        txt_k: torch.Tensor,
-        txt_v: torch.Tensor,
-        img_key_mask: torch.Tensor | None,
-        txt_key_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over the whole ``[img; txt]`` sequence of the group (see ``LocalSequence.joint_attention``).
-        img_* ``[B, S, H, D]`` this rank's tokens, txt_* ``[B, L, H, D]`` replicated; returns ``(img_out [B, S, H,
-        D], txt_out [B, L, H, D])`` with txt_out identical on every rank."""
-        batch, num_img, num_heads, _ = img_q.shape
-        num_txt = txt_q.shape[1]
-        device = img_q.device
-        img_mask = _img_mask(img_key_mask, batch, num_img, device)
-        txt_mask = (
-            torch.ones(batch, num_txt, dtype=torch.bool, device=device)
-            if txt_key_mask is None
-            else txt_key_mask.to(torch.bool).expand(batch, num_txt)
-        )
+    def _joint(self, img_q, img_k, img_v, txt_q, txt_k, txt_v, num_img: int):
+        """Unmasked attention over the whole ``[img; txt]`` sequence of the group (every text token valid). img_*
+        ``[B, S, H, D]`` this rank's tokens, txt_* ``[B, n, H, D]`` replicated; returns ``(img_out [B, S, H, D],
+        txt_out [B, n, H, D])`` with txt_out identical on every rank."""
+        num_local, num_heads = img_q.shape[1], img_q.shape[2]
         if num_heads % self.ulysses_size != 0:
             raise ValueError(f"{num_heads} heads are not divisible by ulysses={self.ulysses_size}")
-        # Ulysses alone: the gathered sequence is put back into token order with the padding dropped, so attention
-        # sees exactly one process's sequence (bit-identical results); under Ring the blocks stay as they are.
-        layout = getattr(self, "_layout", None) if self.ring_size == 1 else None
-        if layout is not None and num_img != layout[0] * self.tokens_per_rank(layout[1]):
-            layout = None
         if self.ulysses_size > 1:
-            q, k, v, mask = self._scatter_heads(img_q, img_k, img_v, img_mask)
-            if layout is not None:
-                q, k, v = (self._to_token_order(t, *layout) for t in (q, k, v))
-                mask = torch.ones(batch, q.shape[1], dtype=torch.bool, device=device)
+            q, k, v = self._scatter_heads(img_q, img_k, img_v)
             heads = num_heads // self.ulysses_size
             first = self.ulysses_rank * heads
             tq, tk, tv = (t[:, :, first : first + heads] for t in (txt_q, txt_k, txt_v))
         else:
-            q, k, v, mask = img_q, img_k, img_v, img_mask
+            q, k, v = img_q, img_k, img_v
             tq, tk, tv = txt_q, txt_k, txt_v
 
         if self.ring_size > 1:
-            img_out, txt_out = self._ring(q, k, v, mask, tq, tk, tv, txt_mask)
+            img_out, txt_out = self._ring(q, k, v, tq, tk, tv, num_img)
         else:
-            num_q = q.shape[1]
+            valid = min(num_img, q.shape[1])  # the gathered sequence in token order: the padding is its tail
             out = attention(
-                torch.cat([q, tq], dim=1),
-                torch.cat([k, tk], dim=1),
-                torch.cat([v, tv], dim=1),
-                key_mask=torch.cat([mask, txt_mask], dim=1),
+                torch.cat([q[:, :valid], tq], dim=1),
+                torch.cat([k[:, :valid], tk], dim=1),
+                torch.cat([v[:, :valid], tv], dim=1),
                 kernel=self.kernel,
             )
-            img_out, txt_out = out[:, :num_q], out[:, num_q:]
+            img_out, txt_out = _pad_rows(out[:, :valid], q.shape[1]), out[:, valid:]
 
         if self.ulysses_size > 1:
-            if layout is not None:
-                img_out = self._from_token_order(img_out, *layout)
-            img_out = self._gather_heads(img_out, num_img)
+            img_out = self._gather_heads(img_out, num_local)
             txt_out = torch.cat(comm.all_gather(txt_out.contiguous(), self.ulysses_group), dim=2)
         return img_out, txt_out
 
-    def _to_token_order(self, t: torch.Tensor, num_frames: int, tokens_per_frame: int) -> torch.Tensor:
-        """``[B, U·T·n, h, D]`` as gathered (ulysses rank, frame, slice position) → ``[B, T·F, h, D]`` in token order,
-        padding dropped."""
-        batch, _, heads, head_dim = t.shape
-        size, per = self.ulysses_size, self.tokens_per_rank(tokens_per_frame)
-        t = t.reshape(batch, size, num_frames, per, heads, head_dim).transpose(1, 2)
-        t = t.reshape(batch, num_frames, size * per, heads, head_dim)[:, :, :tokens_per_frame]
-        return t.reshape(batch, num_frames * tokens_per_frame, heads, head_dim)
-
-    def _from_token_order(self, t: torch.Tensor, num_frames: int, tokens_per_frame: int) -> torch.Tensor:
-        """Inverse of :meth:`_to_token_order` (zero rows at the padding)."""
-        batch, _, heads, head_dim = t.shape
-        size, per = self.ulysses_size, self.tokens_per_rank(tokens_per_frame)
-        t = t.reshape(batch, num_frames, tokens_per_frame, heads, head_dim)
-        if size * per > tokens_per_frame:
-            pad = t.new_zeros(batch, num_frames, size * per - tokens_per_frame, heads, head_dim)
-            t = torch.cat([t, pad], dim=2)
-        t = t.reshape(batch, num_frames, size, per, heads, head_dim).transpose(1, 2)
-        return t.reshape(batch, size * num_frames * per, heads, head_dim)
-
-    def _scatter_heads(self, q, k, v, mask):
-        """Ulysses: ``[B, S, H, D]`` × 3 + mask ``[B, S]`` → ``[B, U·S, h, D]`` × 3 + ``[B, U·S]`` in one
-        all_to_all (slice j of the send buffer holds head group j and a copy of the mask)."""
+    def _scatter_heads(self, q, k, v):
+        """Ulysses: ``[B, S, H, D]`` × 3 → ``[B, U·S, h, D]`` × 3 in one all_to_all (slice j of the send buffer holds
+        head group j)."""
         size = self.ulysses_size
         batch, num_img, num_heads, head_dim = q.shape
         heads = num_heads // size
@@ -168,8 +129,7 @@ class DistributedSequence(LocalSequence):
         def by_destination(t: torch.Tensor) -> torch.Tensor:  # [B, S, H, D] -> [U, B·S·h·D]
             return t.reshape(batch, num_img, size, heads, head_dim).permute(2, 0, 1, 3, 4).reshape(size, -1)
 
-        mask_part = mask.to(q.dtype).reshape(1, -1).expand(size, -1)
-        send = torch.cat([by_destination(q), by_destination(k), by_destination(v), mask_part], dim=1)
+        send = torch.cat([by_destination(q), by_destination(k), by_destination(v)], dim=1)
         recv = torch.empty_like(send)
         comm.all_to_all_single(recv, send, self.ulysses_group)
 
@@ -180,8 +140,7 @@ class DistributedSequence(LocalSequence):
             return t.reshape(batch, size * num_img, heads, head_dim)
 
         q, k, v = (from_source(recv[:, i * numel : (i + 1) * numel]) for i in range(3))
-        mask = recv[:, 3 * numel :].reshape(size, batch, num_img).permute(1, 0, 2).reshape(batch, -1) > 0.5
-        return q, k, v, mask
+        return q, k, v
 
     def _gather_heads(self, out: torch.Tensor, num_img: int) -> torch.Tensor:
         """Ulysses inverse: ``[B, U·S, h, D]`` → ``[B, S, H, D]`` (sequence slice j goes back to rank j)."""
@@ -193,20 +152,20 @@ class DistributedSequence(LocalSequence):
         # recv[j] = my tokens for head group j
         return recv.permute(1, 2, 0, 3, 4).reshape(batch, num_img, size * heads, head_dim)
 
-    def _ring(self, q, k, v, mask, tq, tk, tv, txt_mask):
-        """Ring attention over the ring group; returns ``(img_out [B, S', h, D], txt_out [B, L, h, D])``."""
+    def _ring(self, q, k, v, tq, tk, tv, num_img: int):
+        """Ring attention over the ring group; returns ``(img_out [B, U·S, h, D], txt_out [B, n, h, D])``. Block r
+        holds ``valid(r)`` real tokens followed by padding; each block is sliced to them before the kernel."""
         size, rank = self.ring_size, self.ring_rank
+        block = q.shape[1]
+
+        def valid(ring_rank: int) -> int:
+            return max(0, min(num_img - ring_rank * block, block))
+
         num_elems = k.numel()
         dtype = q.dtype
-        current = torch.cat([k.reshape(-1), v.reshape(-1), mask.to(dtype).reshape(-1)])
+        current = torch.cat([k.reshape(-1), v.reshape(-1)])
         spare = torch.empty_like(current)
-
-        def unpack(buffer: torch.Tensor):
-            return (
-                buffer[:num_elems].view_as(k),
-                buffer[num_elems : 2 * num_elems].view_as(v),
-                buffer[2 * num_elems :].view_as(mask) > 0.5,
-            )
+        own_q = q[:, : valid(rank)]
 
         img_out = img_lse = None
         txt_partial = None
@@ -215,32 +174,31 @@ class DistributedSequence(LocalSequence):
             if step < size - 1:
                 # Post the next transfer first so it overlaps this block's compute.
                 requests = comm.send_recv(current, (rank + 1) % size, spare, (rank - 1) % size, self.ring_group)
-            block_k, block_v, block_mask = unpack(current)
+            count = valid((rank - step) % size)
+            block_k = current[:num_elems].view_as(k)[:, :count]
+            block_v = current[num_elems:].view_as(v)[:, :count]
             if step == 0:
                 # Image queries: own block plus the text keys (counted here, once).
-                out, lse = attention_with_lse(
-                    q,
-                    torch.cat([block_k, tk], dim=1),
-                    torch.cat([block_v, tv], dim=1),
-                    torch.cat([block_mask, txt_mask], dim=1),
-                    kernel=self.kernel,
-                )
+                keys, values = torch.cat([block_k, tk], dim=1), torch.cat([block_v, tv], dim=1)
+                partial = _partial(own_q, keys, values, self.kernel)
                 # Text queries: own image block, plus the text keys on ring rank 0 only.
                 if rank == 0:
-                    tkeys, tvals = torch.cat([block_k, tk], dim=1), torch.cat([block_v, tv], dim=1)
-                    tmask = torch.cat([block_mask, txt_mask], dim=1)
+                    txt_partial = _partial(tq, keys, values, self.kernel)
                 else:
-                    tkeys, tvals, tmask = block_k, block_v, block_mask
-                txt_partial = attention_with_lse(tq, tkeys, tvals, tmask, kernel=self.kernel)
+                    txt_partial = _partial(tq, block_k, block_v, self.kernel)
+                if txt_partial is None:
+                    txt_partial = _neutral(tq)
             else:
-                out, lse = attention_with_lse(q, block_k, block_v, block_mask, kernel=self.kernel)
-            img_out, img_lse = merge_partials(img_out, img_lse, out, lse)
+                partial = _partial(own_q, block_k, block_v, self.kernel)
+            if partial is not None:
+                img_out, img_lse = merge_partials(img_out, img_lse, *partial)
             for request in requests:
                 request.wait()
             if requests:
                 current, spare = spare, current
-        txt_out = self._merge_text(*txt_partial)
-        return img_out.to(dtype), txt_out.to(dtype)
+        img_out = _neutral(own_q)[0] if img_out is None else img_out
+        txt_out = self._merge_text(*txt_partial) if tq.shape[1] else tq.float()
+        return _pad_rows(img_out.to(dtype), block), txt_out.to(dtype)
 
     def _merge_text(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """All-gather the text queries' partial ``(out, lse)`` over the ring and merge them in ring-rank order."""
@@ -253,11 +211,25 @@ class DistributedSequence(LocalSequence):
         return merged_out
 
 
-def _img_mask(img_key_mask: torch.Tensor | None, batch: int, num_img: int, device) -> torch.Tensor:
-    """``[S]`` or ``[B, S]`` bool (or None = all True) → ``[B, S]`` bool."""
-    if img_key_mask is None:
-        return torch.ones(batch, num_img, dtype=torch.bool, device=device)
-    return img_key_mask.to(torch.bool).expand(batch, num_img)
+def _partial(q, k, v, kernel: str):
+    """``attention_with_lse`` of one block (no mask), or None when there is no query or no key."""
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return None
+    return attention_with_lse(q, k, v, kernel=kernel)
+
+
+def _neutral(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial of queries that saw no key: out 0, lse −inf (neutral in a merge)."""
+    batch, num_q, heads, head_dim = q.shape
+    lse = torch.full((batch, heads, num_q), float("-inf"), device=q.device)
+    return q.new_zeros((batch, num_q, heads, head_dim), dtype=torch.float32), lse
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` ``[B, n, ...]`` with zero rows appended up to ``rows``."""
+    if x.shape[1] == rows:
+        return x
+    return torch.cat([x, x.new_zeros((x.shape[0], rows - x.shape[1], *x.shape[2:]))], dim=1)
 
 
 def build_sequence(

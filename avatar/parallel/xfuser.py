@@ -3,14 +3,14 @@
 
 Nothing else in the project imports xfuser or yunchang; both are imported lazily here. The backend needs CUDA and the
 ``[xdit]`` extra (xfuser 0.7.0, yunchang 0.6.4). It does not run on a CPU torch (``import xfuser`` needs triton and
-an accelerator) and has no key masks, so it supports only token counts per frame divisible by the sequence-parallel
-world and text masks that keep the same leading tokens in every batch row. Our own backend,
-``attention.backend=native``, has none of these limits.
+an accelerator) and has no padding, so it supports only image token counts divisible by the sequence-parallel world.
+Text lengths are host-known (``JointLengths``): it gets exactly the valid text tokens, the padded ones attend in
+their own segment. Our own backend, ``attention.backend=native``, has no such limit.
 
 The token-count rule is checked before any model is built: ``xfuser_token_problem`` is a pure function that
-``launch.validate`` calls for every job (the bucketed image size gives the count that is sharded, here the tokens of
-one frame; the plan gives ring·ulysses); ``XfuserSequence.shard_tokens`` keeps the same check as a guard for direct
-library callers.
+``launch.validate`` calls for every job (the bucketed image size and the window give the count that is sharded, the
+image tokens of one window's sequence; the plan gives ring·ulysses); ``XfuserSequence.shard_tokens`` keeps the same
+check as a guard for direct library callers.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def require_xfuser():
 
 
 class XfuserSequence(DistributedSequence):
-    """Frames are sharded as in ``DistributedSequence``; joint attention goes through xfuser's USP. xfuser builds
+    """Tokens are sharded as in ``DistributedSequence``; joint attention goes through xfuser's USP. xfuser builds
     its own process groups (same rank layout as our mesh: ulysses innermost, then ring, cfg, data)."""
 
     def __init__(
@@ -97,33 +97,24 @@ class XfuserSequence(DistributedSequence):
     def __repr__(self) -> str:
         return f"XfuserSequence(ring={self.ring_size}, ulysses={self.ulysses_size})"
 
-    def shard_tokens(self, x: torch.Tensor, num_frames: int, dim: int = 1) -> torch.Tensor:
-        problem = xfuser_token_problem(x.shape[dim] // num_frames, self.world)
+    def shard_tokens(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        problem = xfuser_token_problem(x.shape[dim], self.world, "image tokens")
         if problem is not None:
             raise ValueError(problem)
-        return super().shard_tokens(x, num_frames, dim)
+        return super().shard_tokens(x, dim)
 
-    def joint_attention(self, img_q, img_k, img_v, txt_q, txt_k, txt_v, img_key_mask, txt_key_mask):
-        num_img = img_q.shape[1]
-        num_keys = txt_k.shape[1]
-        if txt_key_mask is not None:
-            mask = txt_key_mask.to(torch.bool)
-            counts = mask.sum(dim=1)
-            num_keys = int(counts[0])
-            prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < counts[:, None]
-            if not bool((counts == num_keys).all()) or not bool((mask == prefix).all()):
-                raise ValueError(
-                    "attention.backend=xfuser supports only text masks keeping the same leading tokens in every "
-                    "batch row; use attention.backend=native"
-                )
+    def _joint(self, img_q, img_k, img_v, txt_q, txt_k, txt_v, num_img: int):
+        """xfuser's USP over ``[img; txt]`` (every text token given is valid: ``joint_attention`` drops the
+        padded ones and attends them in their own segment)."""
+        num_local = img_q.shape[1]
         out = self.attn(
             None,
             img_q,
             img_k,
             img_v,
             joint_tensor_query=txt_q,
-            joint_tensor_key=txt_k[:, :num_keys],
-            joint_tensor_value=txt_v[:, :num_keys],
+            joint_tensor_key=txt_k,
+            joint_tensor_value=txt_v,
             joint_strategy="rear",
         )
-        return out[:, :num_img], out[:, num_img:]
+        return out[:, :num_local], out[:, num_local:]

@@ -17,9 +17,10 @@ is the official result with fewer writes, and a run resumed at any full step is 
 Memory, per rank and branch: the image rows of every frame of the denoised domain in this rank's sequence shard
 (``frames × ceil(F / sp) × D`` elements; ``F`` image tokens per latent frame, ``sp`` the sequence-parallel degree),
 plus one reference + text block (``(ceil(F / sp) + L) × D``) per window whose rows are still referenced. A CFG-parallel
-rank holds only its branch. Nothing is gathered to the full sequence: the model shards every frame's tokens the same
-way on every window (``avatar/parallel/base.py``), so a frame's rows stay on the rank that computed them. Data-parallel
-groups exchange their windows' rows once per write step, so every group holds the rows of all windows.
+rank holds only its branch. The rows are in the frame-sliced layout (every rank an equal slice of every frame,
+``avatar/parallel/base.py``), which does not depend on where a frame sits in a window; the model shards by tokens and
+converts at the cache boundary (``CachedInput``), so nothing here moves between sequence ranks. Data-parallel groups
+exchange their windows' rows once per write step, so every group holds the rows of all windows.
 
 ``host=True`` (``memory=low``, ``Placement.cache_on_host``) keeps the buffers in host memory (pinned when CUDA is
 there): a write copies the rows out of the GPU, a read copies a window's rows back in. The bytes are the same, so the

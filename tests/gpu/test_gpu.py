@@ -61,3 +61,25 @@ def test_xfuser_backend_matches_ours(tiny_weights, tmp_path):
         nproc=2,
     ).astype(np.float32)
     assert np.abs(xdit - ours.astype(np.float32)).mean() < 4.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sdpa_backend_is_chosen_explicitly_and_matches_math(dtype):
+    """The facade picks the first CUDA SDPA backend of its order that accepts unmasked inputs (bf16 at head dim 128:
+    cuDNN or flash, never the math fallback) and matches the math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from avatar.attention import attention, chosen_backends
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4096, 8, 128, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    out = attention(q, k, v)
+    chosen = chosen_backends()[f"{str(dtype).removeprefix('torch.')}/128"]
+    if dtype == torch.bfloat16:
+        assert chosen in ("CUDNN_ATTENTION", "FLASH_ATTENTION"), chosen
+    assert chosen != "MATH"
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
+        ).transpose(1, 2)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)

@@ -305,8 +305,8 @@ def test_shape_tables_built_once_per_shape_and_reused_bit_identically():
     assert model.num_table_builds == 1
     assert torch.equal(second, first) and torch.equal(reused, first)
     cos, sin = rope_table(model.cfg, NUM_FRAMES, LATENT // 2, LATENT // 2)
-    ((rope_cos, rope_sin, img_key_mask, _),) = model._tables.values()
-    assert torch.equal(rope_cos, cos) and torch.equal(rope_sin, sin) and img_key_mask is None
+    ((rope_cos, rope_sin),) = model._tables.values()
+    assert torch.equal(rope_cos, cos) and torch.equal(rope_sin, sin)
 
     # Other shapes: each built once; the first shape's entry is dropped after SHAPE_CACHE_SIZE newer ones.
     channels = model.cfg.latent_channels

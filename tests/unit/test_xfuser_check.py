@@ -30,10 +30,11 @@ def test_token_problem_names_the_count_the_degree_and_what_is_valid():
 
 
 def test_validation_refuses_the_image_before_any_model(tmp_path):
-    cfg = compose(["model=tiny", "attention.backend=xfuser"])  # image_size 128: a square → 8×8 = 64 tokens/frame
+    # image_size 128: a square → 8×8 = 64 tokens/frame, 10 frames (9 window latents + the reference) = 640 tokens
+    cfg = compose(["model=tiny", "attention.backend=xfuser"])
     check_xfuser_image(cfg, 300, 300, 4)
     check_xfuser_image(cfg, 300, 300, 64)
-    with pytest.raises(InputError, match=r"tokens per frame \(64\).*ring·ulysses=3.*300×300 image → the 128×128"):
+    with pytest.raises(InputError, match=r"image tokens \(640\).*ring·ulysses=3.*300×300 image → the 128×128"):
         check_xfuser_image(cfg, 300, 300, 3)
     image = tmp_path / "face.png"
     Image.new("RGB", (300, 300)).save(image)
@@ -84,7 +85,7 @@ def test_server_uploads_are_checked_against_the_plan(tmp_path):
             with TestClient(create_app(cfg, store, sequence_degree=degree)) as client:
                 files = {"image": ("f.jpg", io.BytesIO(portrait)), "audio": ("a.wav", io.BytesIO(speech.getvalue()))}
                 replies[degree] = client.post("/v1/videos", files=files, headers={"Authorization": "Bearer k"})
-        assert replies[3].status_code == 400 and "tokens per frame (64)" in replies[3].json()["error"]
+        assert replies[3].status_code == 400 and "image tokens (640)" in replies[3].json()["error"]
         assert "ring·ulysses=3" in replies[3].json()["error"]
         assert replies[4].status_code == 202, replies[4].text
     finally:
