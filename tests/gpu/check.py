@@ -122,8 +122,14 @@ def check_attention(result: dict) -> None:
         except RuntimeError as error:
             backends[name.lower()] = {"error": str(error).splitlines()[0][:200]}
     out["sdpa_backends"] = backends
+    import avatar.attention as facade
+
+    chosen = getattr(facade, "chosen_backends", None)  # the facade's own record of its choice, where it has one
+    out["facade_chosen"] = chosen() if chosen is not None else None
     result["attention"] = out
     log(f"attention: facade runs {out['facade_backend']} ({', '.join(kernels) or 'no kernel seen'})")
+    if out["facade_chosen"] is not None:
+        log(f"attention: facade's choice per dtype/head dim: {out['facade_chosen']}")
     log(f"attention: {tokens} tokens × {cfg.num_heads} heads: facade {out['facade_seconds'] * 1e3:.1f} ms")
     for name, value in backends.items():
         if "seconds" in value:
