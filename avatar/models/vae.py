@@ -1,4 +1,4 @@
-"""The HunyuanVideo VAE (diffusers ``AutoencoderKLHunyuanVideo``, official keys 1:1) and our temporal tiling.
+"""The HunyuanVideo VAE (diffusers ``AutoencoderKLHunyuanVideo``, official keys 1:1) and our temporal + spatial tiling.
 
 Decoding follows diffusers' own temporal tiling exactly (``_temporal_tiled_decode``: tiles of ``tile + 1`` latent
 frames every ``stride`` latents, the first decoded frame of later tiles dropped, a linear cross-fade over
@@ -9,7 +9,10 @@ frames every ``stride`` latents, the first decoded frame of later tiles dropped,
 - a streaming decode (``iter_decoded_frames``) emits frames as soon as their blend is final, holding one tile and the
   previous tile's overlap only.
 
-Spatial tiling inside a temporal tile is diffusers' ``tiled_decode`` under the same condition as diffusers uses.
+Spatial tiling inside a temporal tile is diffusers' ``tiled_decode`` (same condition, tiles, in-place blending
+order), also as plain functions: ``spatial_plan_for_vae`` plans the tiles, ``decode_piece`` decodes one (temporal,
+spatial) piece anywhere and ``blend_spatial`` assembles a temporal tile from its pieces, so the distributed decode
+(``avatar/pipeline/decode.py``) can spread pieces over every rank.
 Latents given to the decode functions are in the VAE's own space: divide DiT latents by the scaling factor first
 (``to_vae_space``).
 """
@@ -193,18 +196,142 @@ def blend_frames_of(vae) -> int:
     return vae.tile_sample_min_num_frames - vae.tile_sample_stride_num_frames
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Spatial tiling
+
+
+@dataclass(frozen=True)
+class SpatialTile:
+    """One spatial decode tile: the latent rows ``[y0, y1)`` and columns ``[x0, x1)`` it reads."""
+
+    index: int
+    row: int
+    col: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+
+@dataclass(frozen=True)
+class SpatialPlan:
+    """The spatial tiles of one temporal tile, as diffusers' ``tiled_decode`` makes them (row-major), and how they
+    are blended. Sizes in ``blend``/``keep``/``size`` are decoded pixels ``(height, width)``."""
+
+    tiles: tuple[SpatialTile, ...]
+    tiled: bool
+    """False: the whole frame is decoded at once (tiling off, or the frame fits one tile)."""
+    blend: tuple[int, int]
+    """Pixels cross-faded with the tile above / to the left (tile - stride; official 64)."""
+    keep: tuple[int, int]
+    """Pixels of each tile kept after blending (the stride; official 192)."""
+    size: tuple[int, int]
+    """The decoded frame."""
+
+    @property
+    def rows(self) -> int:
+        return 1 + max(t.row for t in self.tiles)
+
+    @property
+    def cols(self) -> int:
+        return 1 + max(t.col for t in self.tiles)
+
+
+def plan_spatial_tiles(
+    height: int, width: int, tile: int, stride: int, ratio: int = 8, tile_px: int | None = None, stride_px=None
+) -> SpatialPlan:
+    """Spatial tiles of a ``height × width`` latent frame: a ``tile``-latent tile every ``stride`` latents in both
+    directions (pure). ``tile_px``/``stride_px``: the same in pixels (default ``· ratio``), for the blend widths."""
+    if not 0 < stride <= tile:
+        raise InputError(f"VAE tiling: spatial stride {stride} must be in 1..tile {tile} latents")
+    tile_px = tile * ratio if tile_px is None else tile_px
+    stride_px = stride * ratio if stride_px is None else stride_px
+    tiles = []
+    for row, y0 in enumerate(range(0, height, stride)):
+        for col, x0 in enumerate(range(0, width, stride)):
+            tiles.append(SpatialTile(len(tiles), row, col, y0, min(y0 + tile, height), x0, min(x0 + tile, width)))
+    blend = (tile_px - stride_px, tile_px - stride_px)
+    return SpatialPlan(tuple(tiles), True, blend, (stride_px, stride_px), (height * ratio, width * ratio))
+
+
+def whole_frame_plan(height: int, width: int, ratio: int = 8) -> SpatialPlan:
+    """One tile covering the frame (no spatial tiling)."""
+    size = (height * ratio, width * ratio)
+    return SpatialPlan((SpatialTile(0, 0, 0, 0, height, 0, width),), False, (0, 0), size, size)
+
+
+def spatial_plan_for_vae(vae, height: int, width: int) -> SpatialPlan:
+    """The spatial plan the VAE's settings give for ``height × width`` latents (diffusers' condition: tiling on and
+    the frame larger than one tile in either direction)."""
+    ratio = vae.spatial_compression_ratio
+    min_h, min_w = vae.tile_sample_min_height // ratio, vae.tile_sample_min_width // ratio
+    if not (vae.use_tiling and (width > min_w or height > min_h)):
+        return whole_frame_plan(height, width, ratio)
+    if (vae.tile_sample_min_height, vae.tile_sample_stride_height) != (
+        vae.tile_sample_min_width,
+        vae.tile_sample_stride_width,
+    ):
+        raise InputError("VAE tiling: square spatial tiles only (vae_tile_size / vae_tile_stride)")
+    return plan_spatial_tiles(
+        height,
+        width,
+        min_h,
+        vae.tile_sample_stride_height // ratio,
+        ratio,
+        vae.tile_sample_min_height,
+        vae.tile_sample_stride_height,
+    )
+
+
 @torch.no_grad()
-def decode_tile(vae, latents: torch.Tensor, tile: Tile) -> torch.Tensor:
-    """Decode one tile's latents (spatially tiled like diffusers) and drop the first frame of later tiles."""
+def decode_piece(vae, latents: torch.Tensor, tile: Tile, spatial: SpatialTile) -> torch.Tensor:
+    """Decode one spatial tile of one temporal tile (``post_quant_conv`` + decoder, as diffusers does per tile);
+    later temporal tiles drop their first decoded frame (before or after the spatial blend is the same: the blend
+    works frame by frame)."""
     param = next(vae.parameters())
     z = latents[:, :, tile.latent_start : tile.latent_stop].to(device=param.device, dtype=param.dtype)
-    min_h = vae.tile_sample_min_height // vae.spatial_compression_ratio
-    min_w = vae.tile_sample_min_width // vae.spatial_compression_ratio
-    if vae.use_tiling and (z.shape[-1] > min_w or z.shape[-2] > min_h):
-        decoded = vae.tiled_decode(z, return_dict=True).sample
-    else:
-        decoded = vae.decoder(vae.post_quant_conv(z))
+    z = z[:, :, :, spatial.y0 : spatial.y1, spatial.x0 : spatial.x1]
+    decoded = vae.decoder(vae.post_quant_conv(z))
     return decoded[:, :, 1:] if tile.latent_start > 0 else decoded
+
+
+def blend_spatial(plan: SpatialPlan, pieces: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """Assemble one temporal tile from its decoded spatial tiles (``{spatial index: [B, 3, n, h, w]}``) exactly as
+    diffusers' ``tiled_decode`` does: each tile, in row-major order, is cross-faded in place with the (already
+    blended) tile above and then the one to its left, and its first ``keep`` pixels are kept. The pieces are
+    modified in place."""
+    if not plan.tiled:
+        return pieces[0]
+    grid = {(t.row, t.col): pieces[t.index] for t in plan.tiles}
+    rows = []
+    for r in range(plan.rows):
+        row = []
+        for c in range(plan.cols):
+            tile = grid[(r, c)]
+            if r > 0:
+                above = grid[(r - 1, c)]
+                extent = min(above.shape[-2], tile.shape[-2], plan.blend[0])
+                for y in range(extent):
+                    tile[:, :, :, y, :] = above[:, :, :, -extent + y, :] * (1 - y / extent) + tile[:, :, :, y, :] * (
+                        y / extent
+                    )
+            if c > 0:
+                left = grid[(r, c - 1)]
+                extent = min(left.shape[-1], tile.shape[-1], plan.blend[1])
+                for x in range(extent):
+                    tile[:, :, :, :, x] = left[:, :, :, :, -extent + x] * (1 - x / extent) + tile[:, :, :, :, x] * (
+                        x / extent
+                    )
+            row.append(tile[:, :, :, : plan.keep[0], : plan.keep[1]])
+        rows.append(torch.cat(row, dim=-1))
+    return torch.cat(rows, dim=3)[:, :, :, : plan.size[0], : plan.size[1]]
+
+
+@torch.no_grad()
+def decode_tile(vae, latents: torch.Tensor, tile: Tile) -> torch.Tensor:
+    """Decode one temporal tile (spatially tiled like diffusers) and drop the first frame of later tiles."""
+    plan = spatial_plan_for_vae(vae, latents.shape[-2], latents.shape[-1])
+    return blend_spatial(plan, {s.index: decode_piece(vae, latents, tile, s) for s in plan.tiles})
 
 
 def decode_tiles(

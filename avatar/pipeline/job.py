@@ -43,19 +43,30 @@ class Inputs:
 
 @dataclass
 class StageTimer:
-    """Seconds per named stage (``with timer("decode"): ...``), summed over repeats."""
+    """Seconds per named stage (``with timer("decode"): ...``), summed over repeats. Stages named in
+    ``count_flops`` also have their FLOPs counted (``torch.utils.flop_counter``) into ``flops``."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    count_flops: frozenset[str] = frozenset()
+    flops: dict[str, int] = field(default_factory=dict)
 
     def __call__(self, name: str):
         timer = self
 
         class _Ctx:
             def __enter__(self):
+                self.counter = None
+                if name in timer.count_flops:
+                    from avatar.memory.flops import counter
+
+                    self.counter = counter().__enter__()
                 self.start = time.perf_counter()
 
             def __exit__(self, *exc):
                 timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
+                if self.counter is not None:
+                    self.counter.__exit__(*exc)
+                    timer.flops[name] = timer.flops.get(name, 0) + self.counter.get_total_flops()
 
         return _Ctx()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 import subprocess
@@ -12,7 +13,9 @@ from pathlib import Path
 import torch
 
 from avatar.config import FPS
-from avatar.pipeline.job import Inputs, Job, config_dict, peak_host_memory_mb
+from avatar.pipeline.job import Inputs, Job, config_dict, peak_host_memory_mb, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 
 def build_report(
@@ -28,11 +31,14 @@ def build_report(
     seconds: float,
     face_found: bool,
     ranks,
+    decode: dict | None = None,
+    flops: dict | None = None,
     memory: dict | None = None,
 ) -> dict:
     """``comm``: the ``CommStats`` counted over this render (this rank's collectives); ``ranks``: every rank's
-    device and peak memory (``device_info``), in rank order; ``memory``: the resolved memory plan
-    (``MemoryPlan.as_dict()``: mode, why, placement, per-stage estimate in bytes, the GPU memory planned for)."""
+    device and peak memory (``device_info``), in rank order; ``decode``: the decode's pieces per rank
+    (``DecodeStats.as_dict``); ``flops``: the FLOP model (``run_flops``); ``memory``: the resolved memory plan (``MemoryPlan.as_dict()``: mode, why,
+    placement, per-stage estimate in bytes, the GPU memory planned for)."""
     import diffusers
     import transformers
 
@@ -69,6 +75,8 @@ def build_report(
         "ranks": ranks,
         "memory": memory,
         "denoise": asdict(stats),
+        "decode": decode,
+        "flops": flops,
         "communication": {name: {"calls": c, "bytes": b} for name, (c, b) in comm.snapshot().items()},
         "seams": seams,
         "timings_seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
@@ -84,6 +92,36 @@ def build_report(
         },
         "config": config_dict(cfg),
     }
+
+
+def run_flops(cfg, topo, strategy, stats, inputs: Inputs, timer, decode_stats, vae) -> dict:
+    """The ``flops`` section (``avatar.memory.flops.flop_section``) of this render; on a failure of the model
+    itself, ``{"error": ...}`` and a warning, never a failed render."""
+    from avatar.memory.flops import flop_section
+
+    device = topo.device
+    ph, pw = cfg.model.patch_size[1:]
+    h_lat, w_lat = inputs.height // cfg.model.vae_spatial_ratio, inputs.width // cfg.model.vae_spatial_ratio
+    try:
+        return flop_section(
+            cfg,
+            window_latents=len(strategy.windows(0)[0]),
+            grid_tokens=(h_lat // ph, w_lat // pw),
+            window_calls=stats.window_calls,
+            cached_window_calls=stats.cached_window_calls,
+            encoder_flops=dict(timer.flops),
+            decode_plans=decode_stats.plans,
+            vae_config=dict(vae.config),
+            vae_dtype=next(vae.parameters()).dtype,
+            dit_dtype=resolve_dtype(cfg.dtype, device),
+            seconds=timer.seconds,
+            world=topo.world,
+            device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            on_gpu=device.type == "cuda",
+        )
+    except Exception as error:  # noqa: BLE001 - the FLOP model must not fail a finished render
+        log.warning("flops: the FLOP model failed (%s: %s); the report has no flops", type(error).__name__, error)
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def device_info(device: torch.device) -> dict:

@@ -4,7 +4,7 @@ reference latents → denoise → decode → write video and mux audio.
 ``Renderer`` holds the models (loaded once per launch) and the order of the stages; it renders jobs (one video
 each). Encoders run on rank 0 only and their outputs are broadcast; the DiT runs on every rank under the plan, with
 the long-audio strategy object (``avatar/pipeline/strategies.py``) deciding the windows and the denoise loops of
-``avatar/pipeline/denoise.py`` stepping them; the VAE decode is split over all ranks by temporal tiles and rank 0
+``avatar/pipeline/denoise.py`` stepping them; the VAE decode is split over all ranks by temporal and spatial tiles and rank 0
 assembles and streams the frames into ffmpeg. Job/input contracts live in ``job.py``, the report in ``report.py``.
 """
 
@@ -34,12 +34,15 @@ from avatar.pipeline.job import (
     to_uint8,
     with_steps,
 )
-from avatar.pipeline.report import build_report, device_info
+from avatar.pipeline.report import build_report, device_info, run_flops
 from avatar.pipeline.resume import Resume, job_state
 from avatar.pipeline.topology import Topology
 from avatar.progress import format_seconds, progress
 
 log = logging.getLogger(__name__)
+
+#: The encoder stages (rank 0, once per job) whose FLOPs are counted as they run (the report's ``flops``).
+ENCODER_STAGES = frozenset({"audio_features", "face_mask", "text_conditioning", "reference_latents"})
 
 
 # --- the memory pre-flight ----------------------------------------------------------------------------------------
@@ -148,6 +151,7 @@ class Renderer:
 
             configure_tiling(self.vae, tiled_model(cfg.model, self.placement))
         self._encoders = None
+        self.decode_stats = None
         self.host_peak_after_load_mb = peak_host_memory_mb()
 
     # --- stages 2-5 on rank 0 -------------------------------------------------------------------------------------
@@ -275,7 +279,10 @@ class Renderer:
         fills with the uint8 ``[n, H, W, 3]`` chunks it writes into the video (the Python API's result)."""
         cfg, topo = self.cfg, self.topo
         start = time.perf_counter()
-        self.timer = StageTimer()
+        self.timer = StageTimer(count_flops=ENCODER_STAGES)
+        from avatar.pipeline.decode import DecodeStats
+
+        self.decode_stats = DecodeStats(world=topo.world)
         with self.timer("inputs"):
             inputs = load_inputs(cfg, job.image, job.audio)
         cond = self.conditioning(job, inputs)
@@ -367,6 +374,8 @@ class Renderer:
                     elapsed,
                     cond.face_found,
                     ranks,
+                    decode=self.decode_stats.as_dict(),
+                    flops=run_flops(cfg, topo, strategy, stats, inputs, self.timer, self.decode_stats, self.vae),
                     memory=self.memory.as_dict(),
                 )
                 from avatar.io.atomic import atomic_write_json
@@ -432,7 +441,7 @@ class Renderer:
     # --- decode -----------------------------------------------------------------------------------------------------
 
     def _decode_to_writer(self, latents: torch.Tensor, num_frames: int, writer, boundaries: list[int]):
-        """Decode ``latents`` split over all ranks by temporal tiles; rank 0 streams uint8 frames into the writer.
+        """Decode ``latents`` split over all ranks by temporal and spatial tiles; rank 0 streams uint8 frames into the writer.
         Returns the seam report (rank 0)."""
         from avatar.pipeline.seams import SeamMeter
 
@@ -529,7 +538,8 @@ class Renderer:
         from avatar.pipeline.decode import distributed_decode_frames
 
         with self.dit.offload.onload(self.vae):
-            for frames in distributed_decode_frames(self.vae, to_vae_space(self.vae, latents), self.topo):
+            stats = self.decode_stats
+            for frames in distributed_decode_frames(self.vae, to_vae_space(self.vae, latents), self.topo, stats):
                 if self.topo.is_main:
                     yield to_uint8(frames)
 

@@ -53,6 +53,13 @@ def test_run_report_records_config_plan_hashes_timings_and_windows(single):
     for stage in ("inputs", "audio_features", "face_mask", "text_conditioning", "reference_latents", "denoise"):
         assert report["timings_seconds"][stage] >= 0, stage
     assert report["denoise"]["windows"] and report["peak_host_memory_mb"] > 0
+    decode = report["decode"]
+    assert decode["tiles_per_rank"] == [decode["temporal_tiles"] * decode["spatial_tiles_per_temporal_tile"]]
+    flops = report["flops"]["stages"]  # the FLOP model: every stage does work, a full step more than a cached one
+    assert all(flops[stage]["flops"] > 0 for stage in ("encoders", "dit", "decode")), flops
+    assert flops["dit"]["full_step_forward"] > flops["dit"]["cached_step_forward"] > 0
+    assert set(flops["encoders"]["per_stage"]) >= {"audio_features", "text_conditioning", "reference_latents"}
+    assert report["flops"]["total"] == sum(flops[stage]["flops"] for stage in ("encoders", "dit", "decode"))
     assert set(report["versions"]) >= {"torch", "diffusers", "transformers"}
 
 
@@ -95,6 +102,8 @@ def test_torchrun_ranks_write_the_same_frames_as_one_process(single, tiny_weight
     _ok(generate(*tiny_args(tiny_weights, out), nproc=nproc, timeout=580))
     report = json.loads((tmp_path / "multi.mp4.json").read_text())
     assert report["plan"]["world"] == nproc
+    # every rank decodes a share of the tiles, and the report says how many
+    assert len(report["decode"]["tiles_per_rank"]) == nproc and min(report["decode"]["tiles_per_rank"]) > 0
     np.testing.assert_array_equal(read_frames(str(out)), read_frames(str(single)))
 
 
