@@ -183,11 +183,14 @@ def test_jobs_over_http_sigterm_and_restart(server, cli_reference, one_second_cl
     running = _post(url, portrait, one_second_clip, seed=REFERENCE_SEED, steps=REFERENCE_STEPS).json()["id"]
     queued = _post(url, portrait, one_second_clip, seed=8, steps=3).json()["id"]
     deadline = time.monotonic() + 120
-    while not (_status(url, running)["status"] == "running" and _status(url, running)["progress"]["step"] >= 1):
+    while True:  # one status read per poll, and the signal right after the read that shows a step done
+        seen = _status(url, running)
+        if seen["status"] != "queued" and (seen["progress"]["step"] or 0) >= 1:
+            break
         assert time.monotonic() < deadline, server.tail()
-        time.sleep(0.05)
-    assert _status(url, running)["progress"]["step"] < REFERENCE_STEPS, "the job ended before the signal"
+        time.sleep(0.01)
     server.stop(signal.SIGTERM)
+    assert seen["status"] == "running" and seen["progress"]["step"] < REFERENCE_STEPS, ("job ended first", seen)
     assert "checkpointed after step" in server.tail(20000), server.tail()
 
     server.start()  # the same command
