@@ -529,7 +529,7 @@ def sequence_padding_line(
     padding = sequence_padding(num_tokens, sequence_size)
     return (
         f"padding: {padding} tokens ({100 * padding / num_tokens:.3f} %) of {num_tokens} image tokens "
-        f"({height}×{width}, {frames} frames) over {sequence_size} sequence-parallel ranks"
+        f"({width}x{height}, {frames} frames) over {sequence_size} sequence-parallel ranks"
     )
 
 
@@ -593,7 +593,8 @@ def memory_lines(plan: ParallelPlan, argv: list[str], options: dict[str, str]) -
     chosen = memory_plan.resolve(
         memory, plan, model, geometry, gpu_bytes, widen=widen, fp8=fp8, cache=MeasureCache(default_cache_dir())
     )
-    return [f"video {geometry.describe()}", *chosen.lines()]
+    padding = sequence_padding_line(plan.sequence_size, model, (geometry.height, geometry.width))
+    return [f"video {geometry.describe()}", padding, *chosen.lines()]
 
 
 def _model_config(name: str) -> ModelConfig:
@@ -646,10 +647,6 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"  {reason}" for reason in plan.reasons]
     lines += placement_lines(plan)
     lines += [f"warning: {line}" for line in plan.warnings]
-    model_name = dict(arg.partition("=")[::2] for arg in argv).get("model", "hunyuan_avatar")
-    from launch.config import compose
-
-    lines.append(sequence_padding_line(plan.sequence_size, compose([f"model={model_name}"]).model))
     lines += extra
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
