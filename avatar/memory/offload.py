@@ -87,7 +87,10 @@ class BlockStreamer:
         self.prefetched += 1
 
     # --- hooks --------------------------------------------------------------------------------------------------
+    # Never traced: with compile=true the compiled block's call runs these hooks, which move weights (state that
+    # changes on every call and would make dynamo recompile per unit).
 
+    @torch.compiler.disable
     def _before(self, index: int, module, args) -> None:
         if index not in self.loaded:
             self._copy_in(index)  # on the current stream: nothing to wait for
@@ -103,6 +106,7 @@ class BlockStreamer:
         if index + 1 < len(self.units):
             self._prefetch(index + 1)
 
+    @torch.compiler.disable
     def _after(self, index: int, module, args, output) -> None:
         for param, host in zip(self.params[index], self.host[index]):
             param.data = host
