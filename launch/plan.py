@@ -208,11 +208,6 @@ class ParallelPlan:
         """Ranks sharing one sequence (ring × ulysses)."""
         return self.ring * self.ulysses
 
-    @property
-    def video_size(self) -> int:
-        """Ranks rendering one video together (cfg × ring × ulysses); the world holds ``data`` such groups."""
-        return self.cfg * self.sequence_size
-
     def size(self, axis: MeshAxis | str) -> int:
         return self.degrees()[MeshAxis(axis).value]
 

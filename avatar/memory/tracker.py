@@ -16,10 +16,6 @@ from torch.utils._pytree import tree_iter
 from torch.utils.weak import WeakIdKeyDictionary
 
 
-def storage_bytes(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().nbytes()
-
-
 class LiveBytes(TorchDispatchMode):
     """Counts bytes of live storages per device (``live``), their running peak (``peak``) and, with ``mark``, the
     peak inside named stages (``stages``). Tensors that existed before the mode are counted through ``adopt``."""

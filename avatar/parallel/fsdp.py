@@ -86,10 +86,11 @@ def shard_dit(model: nn.Module, mesh, *, offload_to_host: bool = False) -> nn.Mo
         unit.set_modules_to_forward_prefetch([following])
     log.info(
         "memory: DiT sharded (FSDP2) over %d rank(s) of the video axis, %d units, reshard after each forward, "
-        "next unit prefetched%s",
+        "next unit prefetched%s; %.2f GB of weights on this rank",
         mesh.size(),
         len(units),
         ", shards in host memory" if offload_to_host else "",
+        local_weight_bytes(model) / 1e9,
     )
     return model
 

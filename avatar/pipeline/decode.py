@@ -163,6 +163,8 @@ class DecodeStats:
             "tiles_per_rank": list(self.tiles_per_rank),
             "voxels_per_rank": list(loads),
             "max_min_load": None if balance is None else round(balance, 3),
+            # 1.0 when no rank ever waits for the busiest one at a round's gather
+            "round_efficiency": round(min(p.round_efficiency() for p in self.plans), 3) if self.plans else None,
         }
 
 

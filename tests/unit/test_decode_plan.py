@@ -63,6 +63,9 @@ def test_untiled_frames_split_by_temporal_tiles_only():
     stats.add(plan)
     stats.add(plan)
     assert stats.as_dict()["tiles_per_rank"] == [2, 2, 2, 0] and stats.as_dict()["max_min_load"] is None
+    # one round of three equal tiles on four ranks: the fourth rank idles a quarter of the time
+    assert stats.as_dict()["round_efficiency"] == pytest.approx(plan.round_efficiency(), abs=1e-3)
+    assert stats.as_dict()["round_efficiency"] < 1.0
 
 
 def test_bad_world_is_refused():
