@@ -342,6 +342,8 @@ def check_weights(cfg: RunConfig) -> None:
             f"weights={cfg.weights}: a weights file cannot be read ({detail}); it is truncated or corrupt, "
             f"re-download it (`python -m launch.weights verify {cfg.weights} model={cfg.model.name}` names it)"
         ) from None
+    if len(problems) == 1 and problems[0].startswith(f"weights={cfg.weights} "):
+        raise InputError(problems[0])  # the folder itself (missing, empty): that line already says what to do
     if problems:
         shown = "; ".join(problems[:3]) + (f"; … {len(problems) - 3} more" if len(problems) > 3 else "")
         raise InputError(
