@@ -111,7 +111,7 @@ def test_weights_not_matching(capsys, tmp_path, tiny_weights, built):
     # the tiny folder does not hold the full-size model
     args = [a for a in tiny_args(tiny_weights, tmp_path / "o.mp4") if not a.startswith("model=")]
     code, errors = _run(capsys, ["model=hunyuan_avatar", *args])
-    assert code == 2 and "does not match" in errors[0]
+    assert code == 2 and "not model=hunyuan_avatar" in errors[0] and "add model=tiny" in errors[0]
     assert not (tmp_path / "o.mp4").exists()
 
 
