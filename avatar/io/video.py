@@ -248,8 +248,9 @@ class VideoWriter:
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
         cmd += ["-i", ffmpeg_path(self._video_tmp), "-i", ffmpeg_path(self.audio_path)]
         cmd += ["-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", "192k"]
-        # pad short audio with silence, cut long audio: the file lasts exactly frames / fps
-        cmd += ["-af", "apad", "-t", f"{duration:.6f}", "-shortest", "-movflags", "+faststart", "-f", "mp4"]
+        # pad short audio with silence, cut long audio: the file lasts exactly frames / fps. No -shortest: under load
+        # its sync queue could end the file a frame early (seen: 49 of 50 frames); -t alone keeps every frame.
+        cmd += ["-af", "apad", "-t", f"{duration:.6f}", "-movflags", "+faststart", "-f", "mp4"]
         cmd.append(ffmpeg_path(out))
         proc = subprocess.run(cmd, capture_output=True, timeout=3600)
         if proc.returncode != 0:
