@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.utils.cond import random_conditioning
 from tests.utils.spawn import spawn
 
 pytestmark = pytest.mark.slow
@@ -28,24 +29,7 @@ def setup(parallel: dict, strategy: str):
     cfg.parallel = ParallelConfig(**{k: str(v) for k, v in parallel.items()})
     torch.manual_seed(0)
     model = AvatarDiT(cfg.model).eval()
-    gen = torch.Generator().manual_seed(1)
-    m = cfg.model
-    text_mask = torch.zeros(1, m.text_len, dtype=torch.long)
-    text_mask[:, :7] = 1
-    window = (m.window_frames - 1) // m.vae_temporal_ratio + 1
-    num_frames = 4 * (NUM_LATENTS - 1) + 1
-    cond = dn.Conditioning(
-        audio_feats=torch.randn(num_frames, m.audio_window, m.audio_layers, m.audio_channels, generator=gen),
-        face_mask=torch.ones(1, 1, 1, SIDE, SIDE),
-        text_states=torch.randn(1, m.text_len, m.text_states_dim, generator=gen),
-        text_mask=text_mask,
-        text_pooled=torch.randn(1, m.text_states_dim_2, generator=gen),
-        neg_text_states=torch.randn(1, m.text_len, m.text_states_dim, generator=gen),
-        neg_text_mask=text_mask,
-        neg_text_pooled=torch.randn(1, m.text_states_dim_2, generator=gen),
-        ref_latents=torch.randn(1, m.latent_channels, window, SIDE, SIDE, generator=gen),
-        num_frames=num_frames,
-    )
+    cond = random_conditioning(cfg.model, NUM_LATENTS, SIDE)
     # 20 steps: the cache writes on steps 6, 8, 10, 12, 14 and is read on 7, 9, 11, 13, 15 (data groups exchange it).
     sampling = replace(cfg.sampling, steps=20, cache=True)
     return cfg, model, cond, sampling

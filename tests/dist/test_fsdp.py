@@ -20,6 +20,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.utils.cond import random_conditioning
 from tests.utils.spawn import spawn
 
 #: ``(parallel, fp8, latents, steps)``. blend, 9-latent windows with overlap 2: 9 latents are one window, 23 are
@@ -41,24 +42,7 @@ def setup(weights: str, parallel: dict, fp8: bool, latents: int, steps: int):
     cfg.parallel = ParallelConfig(**{k: str(v) for k, v in parallel.items()})
     cfg.memory.mode = MemoryMode.fsdp_fp8 if fp8 else MemoryMode.fsdp
     model = load_dit(weights, cfg.model, dtype=torch.float32, device="cpu", fp8=fp8)
-    gen = torch.Generator().manual_seed(1)
-    m = cfg.model
-    text_mask = torch.zeros(1, m.text_len, dtype=torch.long)
-    text_mask[:, :7] = 1
-    window = (m.window_frames - 1) // m.vae_temporal_ratio + 1
-    num_frames = 4 * (latents - 1) + 1
-    cond = dn.Conditioning(
-        audio_feats=torch.randn(num_frames, m.audio_window, m.audio_layers, m.audio_channels, generator=gen),
-        face_mask=torch.ones(1, 1, 1, SIDE, SIDE),
-        text_states=torch.randn(1, m.text_len, m.text_states_dim, generator=gen),
-        text_mask=text_mask,
-        text_pooled=torch.randn(1, m.text_states_dim_2, generator=gen),
-        neg_text_states=torch.randn(1, m.text_len, m.text_states_dim, generator=gen),
-        neg_text_mask=text_mask,
-        neg_text_pooled=torch.randn(1, m.text_states_dim_2, generator=gen),
-        ref_latents=torch.randn(1, m.latent_channels, window, SIDE, SIDE, generator=gen),
-        num_frames=num_frames,
-    )
+    cond = random_conditioning(cfg.model, latents, SIDE)
     return cfg, model, cond, replace(cfg.sampling, steps=steps, cache=True)
 
 
