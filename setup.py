@@ -10,31 +10,31 @@ requirements = [
 ]
 dev = {"pytest", "pytest-timeout", "ruff", "httpx", "selenium"}
 
-# Data shipped inside the package: the Hydra config groups (configs/ -> launch/_configs/), the weights manifest
-# (weights/ -> launch/_weights/, manifest and README only) and the Slurm templates (launch/slurm/). launch/resources.py
+# Data shipped inside the package: the Hydra config groups (configs/ -> avatar/_configs/), the weights manifest
+# (weights/ -> avatar/_weights/, manifest and README only) and the Slurm templates (launch/slurm/). avatar/resources.py
 # finds them in a checkout and in an installed wheel alike.
 ROOT = Path(__file__).resolve().parent
-config_packages = ["launch._configs"] + sorted(
-    "launch._configs." + ".".join(p.relative_to(ROOT / "configs").parts)
+config_packages = ["avatar._configs"] + sorted(
+    "avatar._configs." + ".".join(p.relative_to(ROOT / "configs").parts)
     for p in (ROOT / "configs").rglob("*")
     if p.is_dir() and any(p.glob("*.yaml"))
 )
-data_packages = [*config_packages, "launch._weights", "launch.slurm"]
+data_packages = [*config_packages, "avatar._weights", "launch.slurm"]
 runtime = [r for r in requirements if r.split("==")[0] not in dev]
 
 setup(
     name="avatar-launcher",
-    version=re.search(r'__version__ = "([^"]+)"', (ROOT / "avatar" / "__init__.py").read_text()).group(1),
+    version=re.search(r'__version__ = "([^"]+)"', (ROOT / "avatar" / "version.py").read_text()).group(1),
     description="Multi-GPU distributed inference launcher for audio-driven talking-avatar video (HunyuanVideo-Avatar)",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["avatar", "avatar.*", "launch", "launch.*"]) + data_packages,
-    package_dir={"launch._configs": "configs", "launch._weights": "weights"},
+    package_dir={"avatar._configs": "configs", "avatar._weights": "weights"},
     package_data={
         **{name: ["*.yaml"] for name in config_packages},
-        "launch._weights": ["manifest.yaml", "README.md"],
+        "avatar._weights": ["manifest.yaml", "README.md"],
         "launch.slurm": ["*.sbatch", "README.md"],
         "avatar.serve": ["static/*"],
     },

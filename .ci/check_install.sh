@@ -31,7 +31,8 @@ from pathlib import Path
 
 import avatar
 import launch
-from launch.resources import config_dir, slurm_dir, weights_manifest
+from avatar.resources import config_dir, weights_manifest
+from launch.resources import slurm_dir
 
 site = Path(sys.argv[1]).resolve()
 for module in (avatar, launch):

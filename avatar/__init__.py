@@ -1,8 +1,7 @@
 """avatar-launcher's library: models, attention, parallel, pipeline, weights, io (see avatar/README.md).
 ``from avatar import AvatarPipeline`` is the Python API (``avatar/api.py``)."""
 
-#: The launcher's version (setup.py reads it from here; the run report records it).
-__version__ = "0.1.0"
+from avatar.version import __version__  # noqa: F401  (the package's version attribute)
 
 
 def __getattr__(name: str):

@@ -12,8 +12,10 @@
 ``parallel={"ulysses": 4}``) or as command-line overrides (``overrides=["sampling.steps=20"]``); it composes and
 checks the config, the plan and the weights exactly as ``launch.generate`` does, then loads the models. Each call is
 checked with the command line's validation before anything renders (``InputError`` with the same one-line message)
-and rendered by the same ``Renderer``. Under torchrun every rank calls ``from_pretrained`` and every call with the
-same arguments; rank 0 gets the result, the other ranks None.
+and rendered by the same ``Renderer``. Under torchrun every rank creates the default process group itself
+(``torch.distributed.init_process_group()``), then calls ``from_pretrained`` and every call with the same arguments;
+the pipeline renders on that group (rank 0 gets the result, the other ranks None) and leaves it to the caller to
+destroy. Without a group it is a world of one.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _overrides(options: dict, prefix: str = "") -> list[str]:
         elif isinstance(value, (list, tuple)):
             out.append(f"{dotted}=[{','.join(_quote(v) if isinstance(v, str) else repr(v) for v in value)}]")
         else:
-            from launch.config import LITERAL_KEYS
+            from avatar.compose import LITERAL_KEYS
 
             text = os.fspath(value) if isinstance(value, Path) else str(value)
             out.append(f"{dotted}={text if dotted in LITERAL_KEYS else _quote(text)}")
@@ -78,7 +80,7 @@ class AvatarResult:
         """Write the mp4 (H.264 + the speech as AAC) and its report to ``path`` and ``path + ".json"`` atomically.
         Returns the absolute path."""
         from avatar.io.atomic import atomic_path, atomic_write_json
-        from avatar.io.validate import check_output_path
+        from avatar.validate import check_output_path
 
         target = check_output_path(path, overwrite)
         report = dict(self.report, output=target)
@@ -91,11 +93,10 @@ class AvatarResult:
 class AvatarPipeline:
     """Loaded models plus the config they were loaded with; call it to render a video."""
 
-    def __init__(self, cfg, renderer, topo, owns_group: bool) -> None:
+    def __init__(self, cfg, renderer, topo) -> None:
         self.cfg = cfg
         self.renderer = renderer
         self.topo = topo
-        self._owns_group = owns_group
 
     @classmethod
     def from_pretrained(
@@ -103,26 +104,22 @@ class AvatarPipeline:
     ) -> AvatarPipeline:
         """Compose the config (``model``, ``weights``, then ``overrides``, then the keyword ``options``), check it,
         and load the models (once). Raises InputError for a bad config, plan or weights folder."""
-        import torch.distributed as dist
-
-        from launch.config import compose
-        from launch.dist import init_distributed, read_env
-        from launch.plan import resolve_plan
-        from launch.validate import check_config, check_weights
+        from avatar.compose import compose
+        from avatar.parallel.group import joined_env
+        from avatar.plan import resolve_plan
+        from avatar.validate import check_config, check_weights
 
         argv = [f"model={model}", f"weights={os.fspath(weights)}", *overrides, *_overrides(options)]
         cfg = compose(argv)
         check_config(cfg)
-        _, world_size, _, gpus_per_node = read_env()
-        plan = resolve_plan(cfg, world_size, gpus_per_node)
+        env = joined_env(cfg.device)
+        plan = resolve_plan(cfg, env.world_size, env.local_world_size if env.distributed else None)
         check_weights(cfg)
-        had_group = dist.is_available() and dist.is_initialized()
-        env = init_distributed(cfg.device)
         job_topo, _ = plan.build_mesh(env.device.type).topologies(env.rank, env.device, cfg.attention)
         from avatar.pipeline.run import Renderer
 
         renderer = Renderer(cfg, job_topo)
-        return cls(cfg, renderer, job_topo, owns_group=env.distributed and not had_group)
+        return cls(cfg, renderer, job_topo)
 
     def __call__(
         self,
@@ -138,7 +135,7 @@ class AvatarPipeline:
         ``[n, channels]``). ``None`` takes the config's prompt, seed, steps and long-audio strategy. Raises InputError
         (the command line's message) before anything renders. Rank 0 gets the result, other ranks None."""
         from avatar.config import FPS, Strategy
-        from launch.validate import check_job as validate_job
+        from avatar.validate import check_job as validate_job
 
         cfg = self.cfg
         strategy = cfg.long.strategy if strategy is None else strategy
@@ -189,12 +186,8 @@ class AvatarPipeline:
             raise
 
     def close(self) -> None:
-        """Tear down the process group this pipeline created (models are freed with the object)."""
-        if self._owns_group:
-            from launch.dist import destroy
-
-            destroy()
-            self._owns_group = False
+        """Drop the loaded models (the process group, if any, is the caller's)."""
+        self.renderer = None
 
     def __enter__(self) -> AvatarPipeline:
         return self

@@ -1,7 +1,7 @@
 """Config composition: dataclass schemas in Hydra's ConfigStore, YAML groups under ``configs/``, CLI overrides.
 
 Every rank calls ``compose(argv)`` with the same argv and gets the identical ``RunConfig``; nothing here depends on the
-clock or the rank, so there is one output directory per run. ``python -m launch.config [overrides]`` (or
+clock or the rank, so there is one output directory per run. ``python -m launch.config [overrides]`` (the entry point in ``launch/config.py``) (or
 ``make print-config ARGS=...``) prints the resolved config.
 
 Three command-line keys name both a config group and a path: ``output=PATH.mp4``, ``audio=PATH`` and
@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from avatar.config import FPS, RunConfig, plain
 from avatar.io.errors import InputError
-from launch.resources import config_dir
+from avatar.resources import config_dir
 
 CONFIG_DIR = config_dir()
 
@@ -162,7 +162,7 @@ def _set_field(cfg, dotted: str, value: str) -> None:
 
 def read_prompt_file(path: str) -> str:
     """The prompt in a UTF-8 text file (trailing newlines dropped)."""
-    from avatar.io.validate import check_input_file
+    from avatar.io.paths import check_input_file
 
     check_input_file(path, "prompt_file", "a UTF-8 text file holding the prompt")
     try:
@@ -233,32 +233,3 @@ def help_text(prog: str, summary: str, examples: list[str], contract: bool = Tru
 
 def wants_help(argv: list[str]) -> bool:
     return any(a in ("-h", "--help", "help") for a in argv)
-
-
-HELP = help_text(
-    "python -m launch.config",
-    "Print the resolved config for these overrides (the same composition every entry point uses).",
-    [
-        "python -m launch.config model=tiny",
-        "python -m launch.config model=tiny parallel=sp sampling.steps=10",
-        "python -m launch.config 'prompt=A woman, smiling, says: \"it's ${HOME}\"'",
-    ],
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv):
-        sys.stdout.write(HELP)
-        return 0
-    try:
-        cfg = compose(argv)
-    except InputError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
-    sys.stdout.write(to_yaml(cfg))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

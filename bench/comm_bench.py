@@ -103,7 +103,7 @@ def run_forward(rank: int, world: int, ulysses: int, ring: int, num_frames: int,
     from avatar.config import ParallelConfig
     from avatar.models.transformer import AvatarDiT
     from avatar.parallel.comm import counting
-    from launch.plan import ParallelPlan
+    from avatar.plan import ParallelPlan
 
     cfg = tiny_model_config()
     plan = ParallelPlan.resolve(

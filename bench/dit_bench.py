@@ -43,7 +43,7 @@ HOST_TARGET = 0.02
 
 
 def mid_config():
-    from launch.config import compose
+    from avatar.compose import compose
 
     return replace(
         compose(["model=tiny"]).model,

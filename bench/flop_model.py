@@ -27,12 +27,12 @@ def main() -> None:
     from diffusers import AutoencoderKLHunyuanVideo
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from avatar.compose import compose
     from avatar.memory import flops as fl
     from avatar.memory.measure import MeasureCache, default_cache_dir, to_fake
     from avatar.models.vae import configure_tiling, plan_spatial_tiles, plan_temporal_tiles
     from avatar.pipeline.cache import CachePlan
     from avatar.pipeline.decode import plan_decode
-    from launch.config import compose
 
     cfg = compose(["model=hunyuan_avatar"]).model
     cache = MeasureCache(default_cache_dir())

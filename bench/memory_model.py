@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from avatar.config import MemoryConfig, ModelConfig, ParallelConfig  # noqa: E402
 from avatar.io.errors import InputError  # noqa: E402
+from avatar.memory import estimate as mp  # noqa: E402
 from avatar.memory import measure  # noqa: E402
-from avatar.memory import plan as mp  # noqa: E402
-from launch.plan import ParallelPlan  # noqa: E402
+from avatar.plan import ParallelPlan  # noqa: E402
 
 OFFICIAL = ModelConfig(name="hunyuan_avatar")
 GB = 10**9

@@ -13,39 +13,10 @@ tensors (with gloo beside it for CPU tensors such as pickled objects) or gloo al
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
-
-logger = logging.getLogger(__name__)
-
-#: Collective timeout when none is given: long, because rank 0 may preprocess (text/audio encoders) while the
-#: others already wait in a broadcast.
-DEFAULT_TIMEOUT = timedelta(minutes=30)
-DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits: global rank, world size, rank on its node and the device it computes on."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    local_world_size: int = 1
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from avatar.parallel.group import DistEnv, destroy, init_group  # noqa: F401  (destroy: the entry points' teardown)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -135,48 +106,12 @@ def read_env() -> tuple[int, int, int, int]:
     return rank, world_size, local_rank, local_world_size
 
 
-def resolve_device(device: str, local_rank: int) -> torch.device:
-    """``auto`` → ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
-    if device not in DEVICES:
-        raise ValueError(f"device={device!r} is not one of {DEVICES}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device=cuda but CUDA is not available; use device=cpu or device=auto")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def backend_for(device: torch.device) -> str:
-    """NCCL for CUDA tensors plus gloo for CPU tensors on GPU hosts; gloo alone on CPU."""
-    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
-
-
 def init_distributed(device: str = "auto", timeout: timedelta | float | None = None) -> DistEnv:
     """Read the launcher's environment and, for a world of more than one process, initialise the default process
-    group. ``timeout`` (a timedelta or seconds) bounds every collective."""
+    group (``avatar.parallel.group.init_group``). ``timeout`` (a timedelta or seconds) bounds every collective."""
     rank, world_size, local_rank, local_world_size = read_env()
     install_memory_provider()
-    resolved = resolve_device(device, local_rank)
-    if resolved.type == "cuda":
-        torch.cuda.set_device(resolved)
-    env = DistEnv(rank, world_size, local_rank, resolved, local_world_size)
-    if world_size == 1:
-        return env
-    if isinstance(timeout, (int, float)):
-        timeout = timedelta(seconds=timeout)
-    if not dist.is_initialized():
-        backend = backend_for(resolved)
-        dist.init_process_group(
-            backend=backend,
-            init_method=slurm_rendezvous(),
-            timeout=timeout or DEFAULT_TIMEOUT,
-            rank=rank,
-            world_size=world_size,
-        )
-        logger.info("process group: %s, world %d, device %s", backend, world_size, resolved)
-    return env
+    return init_group(rank, world_size, local_rank, local_world_size, device, slurm_rendezvous(), timeout)
 
 
 #: Free GB the device-memory provider reports on every device (``avatar/memory/device.py``): lets a CPU run (tests)
@@ -195,9 +130,3 @@ def install_memory_provider() -> None:
         set_provider(fixed_provider(float(value)))
     except ValueError as err:
         raise ValueError(f"environment variable {MEMORY_PROVIDER_ENV}={value!r} is not a number of GB") from err
-
-
-def destroy() -> None:
-    """Tear the default process group down; a no-op when none exists."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

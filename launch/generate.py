@@ -1,7 +1,7 @@
 """Entry point: ``python -m launch.generate [overrides]``, ``torchrun ... -m launch.generate``, ``avatar-generate``.
 
 One plain process needs no process group; under torchrun every rank composes the same config, runs the same
-validation (``launch.validate.validate``) and builds the same plan. Bad input ends here with a one-line error and
+validation (``avatar.validate.validate``) and builds the same plan. Bad input ends here with a one-line error and
 exit code 2, before any model is built (``launch/run.py`` has the exit codes).
 """
 
@@ -11,7 +11,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from launch.config import help_text, wants_help
+from avatar.compose import help_text, wants_help
 from launch.run import prepare, prepare_jobs, run_from_config
 
 __all__ = ["main", "prepare", "prepare_jobs", "run_from_config"]

@@ -1,4 +1,4 @@
-"""What every entry point does after parsing: compose, validate (``launch.validate.validate``, on every rank, before
+"""What every entry point does after parsing: compose, validate (``avatar.validate.validate``, on every rank, before
 anything is built or written), then render in the process group and tear it down. ``launch.generate``,
 ``launch.batch`` and ``launch.submit`` are thin wrappers around it (and do not import each other).
 
@@ -13,11 +13,11 @@ import logging
 import shutil
 import sys
 
+from avatar.compose import compose
 from avatar.config import RunConfig
 from avatar.io.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, WRITE_ERRNOS, InputError, OutputConflict, write_error
-from launch.config import compose
+from avatar.validate import Validated, validate
 from launch.log import setup_logging
-from launch.validate import Validated, validate
 
 log = logging.getLogger("launch.generate")
 
@@ -51,13 +51,13 @@ def run_from_config(cfg: RunConfig, validated: Validated) -> int:
     try:
         mesh = validated.plan.build_mesh(env.device.type)
         job_topo, rows_topo = mesh.topologies(env.rank, env.device, cfg.attention)
-        from avatar.memory.plan import jobs_geometry
+        from avatar.memory.estimate import jobs_geometry
         from avatar.pipeline.run import Renderer
 
         geometry = jobs_geometry(cfg.model, validated.jobs)
         try:
             if cfg.batch.manifest:
-                from launch.batch import run_batch
+                from avatar.pipeline.batch import run_batch
 
                 renderer = Renderer(cfg, rows_topo, geometry)
                 return run_batch(cfg, validated, renderer, job_topo, rows_topo, handler)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from avatar.compose import compose
 from avatar.config import RunConfig
 from avatar.io.errors import EXIT_BAD_INPUT, InputError
-from launch.config import compose
+from avatar.plan import ParallelPlan
 from launch.log import setup_logging
-from launch.plan import ParallelPlan
 
 log = logging.getLogger("launch.serve")
 
@@ -34,10 +34,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 def prepare(argv: list[str] | None) -> tuple[RunConfig, ParallelPlan]:
     """Compose and check everything that needs no model, resolving the one plan; raises InputError."""
+    from avatar.plan import resolve_plan
     from avatar.serve.app import check_serve
+    from avatar.validate import check_weights as validate_weights
     from launch.dist import read_env
-    from launch.plan import resolve_plan
-    from launch.validate import check_weights as validate_weights
 
     cfg = compose(argv)
     check_serve(cfg)

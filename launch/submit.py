@@ -18,9 +18,9 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from avatar.compose import help_text, register_configs, wants_help
 from avatar.io.errors import EXIT_BAD_INPUT, InputError
-from launch.config import help_text, register_configs, wants_help
-from launch.resources import config_dir
+from avatar.resources import config_dir
 
 log = logging.getLogger("launch.submit")
 

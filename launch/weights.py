@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import sys
 
+from avatar.compose import compose
 from avatar.io.errors import EXIT_BAD_INPUT, InputError
-from launch.config import compose
 from launch.log import setup_logging
 
 USAGE = __doc__

@@ -24,8 +24,8 @@ def _clean_torch_state():
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
+    from avatar.compose import compose
     from avatar.weights.tiny import make_tiny
-    from launch.config import compose
 
     folder = tmp_path_factory.mktemp("tiny-weights")
     make_tiny(folder, compose(["model=tiny"]).model, seed=0)

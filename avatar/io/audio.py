@@ -22,7 +22,7 @@ import numpy as np
 
 from avatar.config import FPS
 from avatar.io.errors import InputError
-from avatar.io.validate import check_input_file
+from avatar.io.paths import check_input_file
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from avatar.io.errors import InputError
-from avatar.io.validate import check_input_file
+from avatar.io.paths import check_input_file
 
 #: Smallest accepted side of the reference image, in pixels.
 MIN_SIDE = 64

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from avatar.config import FPS, SEED_MAX, Strategy
 from avatar.io.errors import InputError
-from avatar.io.validate import check_input_file
+from avatar.io.paths import check_input_file
 
 #: Columns of the official CSV; ``prompt`` and ``fps`` may be missing (default prompt ``""``, fps 25).
 REQUIRED_COLUMNS = ("videoid", "image", "audio")

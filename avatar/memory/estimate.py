@@ -179,7 +179,7 @@ class Ranks:
 
     @classmethod
     def of(cls, plan) -> Ranks:
-        """From a ``launch.plan.ParallelPlan`` (or anything with ``world_size``, ``data``, ``cfg``,
+        """From a ``avatar.plan.ParallelPlan`` (or anything with ``world_size``, ``data``, ``cfg``,
         ``sequence_size``), or a ``Ranks``."""
         if isinstance(plan, Ranks):
             return plan

@@ -99,7 +99,7 @@ def module_bytes(module: nn.Module) -> int:
 def meta_dit(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, fp8: bool = False):
     """The real DiT on the meta device in ``dtype`` (official fp32 modules kept), block linears fp8 with ``fp8``."""
     from avatar.models.transformer import AvatarDiT
-    from avatar.weights.load import convert_to_fp8
+    from avatar.weights.fp8 import convert_to_fp8
 
     model = AvatarDiT(cfg, dtype=dtype, device="meta")
     if fp8:

@@ -43,7 +43,7 @@ _FLOAT8 = {getattr(torch, name) for name in dir(torch) if name.startswith("float
 def video_mesh(mesh):
     """The 1-D ``DeviceMesh`` of the ranks rendering one video with this one, from the run's mesh over (data, cfg,
     ring, ulysses); None without a mesh (one process). Collective on first use: call it on every rank. The same axis
-    as ``launch.plan.ParallelMesh.video_mesh`` (whichever runs first flattens it, the other finds it); ``avatar``
+    as ``avatar.plan.ParallelMesh.video_mesh`` (whichever runs first flattens it, the other finds it); ``avatar``
     does not import ``launch``, so the pipeline takes it from ``Topology.mesh`` here."""
     if mesh is None:
         return None

@@ -35,8 +35,6 @@ from avatar.parallel.base import LocalSequence, shard_frames, shard_tokens, unsh
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("native", "xfuser")
-
 
 class DistributedSequence(LocalSequence):
     """The ``LocalSequence`` interface over a ring group and a ulysses group (either may be None = size 1)."""
@@ -230,28 +228,3 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     if x.shape[1] == rows:
         return x
     return torch.cat([x, x.new_zeros((x.shape[0], rows - x.shape[1], *x.shape[2:]))], dim=1)
-
-
-def build_sequence(
-    backend: str = "native",
-    kernel: str = "sdpa",
-    ring_group=None,
-    ulysses_group=None,
-    data_degree: int = 1,
-    cfg_degree: int = 1,
-):
-    """The model's sequence boundary: ``LocalSequence`` when both groups have size 1, else our
-    ``DistributedSequence`` (``backend=native``) or the optional xfuser adapter (``backend=xfuser``, which checks
-    its requirements even for one rank so a bad choice fails early). Call on every rank (xfuser builds groups)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention.backend={backend!r} is not one of {BACKENDS}")
-    num_sequence_ranks = comm.group_size(ring_group) * comm.group_size(ulysses_group)
-    if backend == "xfuser":
-        from avatar.parallel.xfuser import XfuserSequence, require_xfuser
-
-        require_xfuser()
-        if num_sequence_ranks > 1:
-            return XfuserSequence(ring_group, ulysses_group, kernel, data_degree=data_degree, cfg_degree=cfg_degree)
-    if num_sequence_ranks == 1:
-        return LocalSequence(kernel=kernel)
-    return DistributedSequence(ring_group=ring_group, ulysses_group=ulysses_group, kernel=kernel)

@@ -8,7 +8,7 @@ Text lengths are host-known (``JointLengths``): it gets exactly the valid text t
 their own segment. Our own backend, ``attention.backend=native``, has no such limit.
 
 The token-count rule is checked before any model is built: ``xfuser_token_problem`` is a pure function that
-``launch.validate`` calls for every job (the bucketed image size and the window give the count that is sharded, the
+``avatar.validate`` calls for every job (the bucketed image size and the window give the count that is sharded, the
 image tokens of one window's sequence; the plan gives ring·ulysses); ``XfuserSequence.shard_tokens`` keeps the same
 check as a guard for direct library callers.
 """

@@ -42,7 +42,7 @@ def build_report(
     import diffusers
     import transformers
 
-    import avatar
+    from avatar.version import __version__
 
     return {
         "output": os.path.abspath(job.output),
@@ -82,7 +82,7 @@ def build_report(
         "timings_seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
         "seconds_total": round(seconds, 3),
         "peak_host_memory_mb": round(peak_host_memory_mb(), 1),
-        "launcher": {"version": avatar.__version__, "git_commit": git_commit()},
+        "launcher": {"version": __version__, "git_commit": git_commit()},
         "weights": {"path": os.path.abspath(cfg.weights), "fingerprint": weights_fingerprint(cfg.weights)},
         "versions": {
             "python": platform.python_version(),

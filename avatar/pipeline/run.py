@@ -53,7 +53,7 @@ def preflight(cfg: RunConfig, topo: Topology, geometry=None):
     every rank asks its device's free memory (``avatar/memory/device.py``), the group takes the smallest, and every
     rank checks the group's largest need (its rank 0's, which also encodes) against it, so all ranks stop together
     with the same one-line ``InputError`` (exit 2) when it does not fit. Returns the ``MemoryPlan`` (logged)."""
-    from avatar.memory import plan as memory_plan
+    from avatar.memory import estimate as memory_plan
     from avatar.memory.device import free_bytes
     from avatar.memory.measure import MeasureCache, default_cache_dir
 
@@ -105,7 +105,7 @@ class Renderer:
     """Models loaded once; ``render(job)`` makes one video."""
 
     def __init__(self, cfg: RunConfig, topo: Topology, geometry=None) -> None:
-        """``geometry``: the largest video this launch renders (``avatar.memory.plan.Geometry``; None: one window at
+        """``geometry``: the largest video this launch renders (``avatar.memory.estimate.Geometry``; None: one window at
         the model's planning size), which the pre-flight checks against every rank's free memory."""
         self.cfg = cfg
         self.topo = topo

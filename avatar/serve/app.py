@@ -7,7 +7,7 @@
     GET  /healthz                 liveness and readiness (models loaded), queue length
     GET  /                        the web page (upload, progress, playback)
 
-Uploads are checked with the command line's own validation (``launch.validate.check_job``: the same one-line
+Uploads are checked with the command line's own validation (``avatar.validate.check_job``: the same one-line
 messages, with the client's file name in place of the stored path) before the job is queued: 400 for bad input,
 413 for an upload over ``serve.max_image_mb`` / ``serve.max_audio_mb`` (or a body over their sum), 411 without a
 length, 429 when ``serve.max_queue`` jobs are already waiting. Files are stored under names the server chooses;
@@ -78,7 +78,7 @@ def accept_job(cfg: RunConfig, store: JobStore, form, sequence_degree: int = 1) 
     """Validate one ``POST /v1/videos`` form (a starlette ``FormData``), store its files and queue the job.
     ``sequence_degree``: the plan's ring·ulysses (the xfuser backend's token rule). Returns the job id; raises
     ``HTTPProblem``."""
-    from launch.validate import check_job as validate_job
+    from avatar.validate import check_job as validate_job
 
     serve = cfg.serve
     unknown = sorted(set(form.keys()) - set(FIELDS))

@@ -1,6 +1,6 @@
 """fp8 compute: the block linears of an fp8 checkpoint as scaled fp8 matmuls (``fp8_compute=true``).
 
-The default fp8 path (``FP8Linear.forward`` in ``avatar/weights/load.py``) dequantises each weight to the compute dtype
+The default fp8 path (``FP8Linear.forward``, below) dequantises each weight to the compute dtype
 at every call, as the official code does, and runs a bf16 matmul. With fp8 compute the activation is quantised
 instead and ``torch._scaled_mm`` multiplies the two fp8 operands on the fp8 tensor cores (compute capability ≥ 8.9),
 accumulating in fp32:
@@ -11,7 +11,7 @@ accumulating in fp32:
   per-tensor: a token's result then does not depend on which other tokens share the call (its rank's shard, its
   token chunk), so every parallel plan still renders the same video.
 
-Where this runs is decided before any model is built: ``launch.validate.check_config`` refuses ``fp8_compute=true``
+Where this runs is decided before any model is built: ``avatar.validate.check_config`` refuses ``fp8_compute=true``
 without ``fp8=true``, off CUDA, below compute capability 8.9 or with a compute dtype other than bf16 (one line each).
 The function below runs on CPU too (``torch._scaled_mm`` has a CPU kernel), which is how it is tested here.
 """
@@ -19,9 +19,10 @@ The function below runs on CPU too (``torch._scaled_mm`` has a CPU kernel), whic
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from avatar.weights.layout import FP8_DTYPE
+from avatar.weights.layout import FP8_BLOCK_PREFIXES, FP8_DTYPE
 
 #: Largest finite float8_e4m3fn value.
 FP8_MAX = 448.0
@@ -76,8 +77,6 @@ def fp8_compute_supported(device: torch.device | str) -> str | None:
 def enable_fp8_compute(model: nn.Module, enabled: bool = True) -> list[str]:
     """Switch every ``FP8Linear`` of ``model`` to scaled fp8 matmuls (or back to dequantising); returns their names.
     Raises ``ValueError`` naming the layers whose widths ``torch._scaled_mm`` cannot take."""
-    from avatar.weights.load import FP8Linear
-
     layers = {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
     if enabled:
         bad = [n for n, m in layers.items() if m.in_features % ALIGNMENT or m.out_features % ALIGNMENT]
@@ -94,8 +93,6 @@ def enable_fp8_compute(model: nn.Module, enabled: bool = True) -> list[str]:
 def quantize_model_fp8(model: nn.Module) -> list[str]:
     """Turn the block linears of a built model into ``FP8Linear`` layers holding its own weights quantised (per-layer
     scale, as ``save_fp8_checkpoint`` writes them): the in-memory twin of saving and loading an fp8 checkpoint."""
-    from avatar.weights.load import convert_to_fp8, quantize_fp8
-
     weights = {name: (m.weight.detach(), m.bias) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     names = convert_to_fp8(model)
     for name in names:
@@ -107,3 +104,66 @@ def quantize_model_fp8(model: nn.Module) -> list[str]:
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     return names
+
+
+# --- the fp8 layer and the per-layer quantisation (the loader's and the converters') ----------------------------
+
+
+class FP8Linear(nn.Module):
+    """nn.Linear whose weight stays float8 in memory and is dequantised at use: ``weight.to(dtype) * scale``; with
+    ``compute_fp8`` (``enable_fp8_compute``) a scaled fp8 matmul instead."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
+        # Not in the state dict: the scale lives in the ``_map.pt`` file.
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
+        self.compute_fp8 = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute_fp8:
+            return scaled_fp8_linear(x, self.weight, self.scale_row, self.bias)
+        weight = self.weight.to(x.dtype) * self.scale.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def forward_rows(self, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+        """Output features ``[start, stop)`` of ``forward(x)``, dequantising only those weight rows."""
+        if self.compute_fp8:
+            bias = None if self.bias is None else self.bias[start:stop]
+            return scaled_fp8_linear(x, self.weight[start:stop], self.scale_row[:, start:stop], bias)
+        weight = self.weight[start:stop].to(x.dtype) * self.scale.to(x.dtype)
+        bias = None if self.bias is None else self.bias[start:stop].to(x.dtype)
+        return F.linear(x, weight, bias)
+
+
+def convert_to_fp8(model: nn.Module) -> list[str]:
+    """Replace every nn.Linear inside the double/single blocks by an ``FP8Linear``; returns their names."""
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(FP8_BLOCK_PREFIXES)
+    ]
+    for name in names:
+        linear = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        fp8 = FP8Linear(
+            linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, linear.weight.device
+        )
+        setattr(model.get_submodule(parent_name), child, fp8)
+    return names
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer fp8: ``scale = amax / 448`` (1 for an all-zero weight), ``weight / scale`` in float8_e4m3fn."""
+    amax = weight.detach().float().abs().max()
+    scale = amax / FP8_MAX if amax > 0 else torch.ones((), dtype=torch.float32)
+    quantized = (weight.detach().float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return quantized, scale.float().reshape(())

@@ -12,76 +12,19 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from avatar.config import OFFICIAL_DIT_FILE, OFFICIAL_DIT_FP8_FILE, ModelConfig
 from avatar.io.errors import InputError
 from avatar.models.transformer import AvatarDiT
-from avatar.weights import fp8 as fp8_ops
 from avatar.weights.files import safe_torch_load, safetensors_header
-from avatar.weights.layout import FP8_BLOCK_PREFIXES, FP8_DTYPE, expected_state_dict, fp8_map_path, is_fp8_weight
+from avatar.weights.fp8 import convert_to_fp8, enable_fp8_compute, quantize_fp8
+from avatar.weights.layout import FP8_DTYPE, expected_state_dict, fp8_map_path, is_fp8_weight
 
 log = logging.getLogger(__name__)
-
-#: Largest finite float8_e4m3fn value; per-layer scale = amax / FP8_MAX.
-FP8_MAX = fp8_ops.FP8_MAX
 
 
 class CheckpointMismatch(ValueError):
     """The checkpoint does not match the model; the message lists every problem, one per line."""
-
-
-class FP8Linear(nn.Module):
-    """nn.Linear whose weight stays float8 in memory and is dequantised at use: ``weight.to(dtype) * scale``; with
-    ``compute_fp8`` (``avatar.weights.fp8.enable_fp8_compute``) a scaled fp8 matmul instead."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
-        )
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        )
-        # Not in the state dict: the scale lives in the ``_map.pt`` file.
-        self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=device), persistent=False)
-        self.compute_fp8 = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compute_fp8:
-            return fp8_ops.scaled_fp8_linear(x, self.weight, self.scale_row, self.bias)
-        weight = self.weight.to(x.dtype) * self.scale.to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
-
-    def forward_rows(self, x: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
-        """Output features ``[start, stop)`` of ``forward(x)``, dequantising only those weight rows."""
-        if self.compute_fp8:
-            bias = None if self.bias is None else self.bias[start:stop]
-            return fp8_ops.scaled_fp8_linear(x, self.weight[start:stop], self.scale_row[:, start:stop], bias)
-        weight = self.weight[start:stop].to(x.dtype) * self.scale.to(x.dtype)
-        bias = None if self.bias is None else self.bias[start:stop].to(x.dtype)
-        return F.linear(x, weight, bias)
-
-
-def convert_to_fp8(model: nn.Module) -> list[str]:
-    """Replace every nn.Linear inside the double/single blocks by an ``FP8Linear``; returns their names."""
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.startswith(FP8_BLOCK_PREFIXES)
-    ]
-    for name in names:
-        linear = model.get_submodule(name)
-        parent_name, _, child = name.rpartition(".")
-        fp8 = FP8Linear(
-            linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, linear.weight.device
-        )
-        setattr(model.get_submodule(parent_name), child, fp8)
-    return names
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -277,7 +220,7 @@ def load_dit(
     for name in fp8_layers:
         model.get_submodule(name).scale = scales[name].to(device=device, dtype=torch.float32).reshape(())
     if fp8 and fp8_compute:
-        fp8_ops.enable_fp8_compute(model)
+        enable_fp8_compute(model)
     still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise CheckpointMismatch(f"not loaded: {still_meta}")
@@ -304,14 +247,6 @@ def save_official_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({key: {k: v.detach().contiguous() for k, v in state_dict.items()}}, path)
     return path
-
-
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer fp8: ``scale = amax / 448`` (1 for an all-zero weight), ``weight / scale`` in float8_e4m3fn."""
-    amax = weight.detach().float().abs().max()
-    scale = amax / FP8_MAX if amax > 0 else torch.ones((), dtype=torch.float32)
-    quantized = (weight.detach().float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return quantized, scale.float().reshape(())
 
 
 def save_fp8_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path) -> tuple[Path, Path]:

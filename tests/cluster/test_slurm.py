@@ -106,8 +106,8 @@ def test_generate_sbatch_forwards_preemption_and_requeues(slurm_cluster, tmp_pat
 
 @pytest.fixture(scope="module")
 def tiny_weights_dir(tmp_path_factory) -> Path:
+    from avatar.compose import compose
     from avatar.weights.tiny import make_tiny
-    from launch.config import compose
 
     folder = tmp_path_factory.mktemp("tiny-weights")
     make_tiny(folder, compose(["model=tiny"]).model, seed=0)

@@ -30,7 +30,7 @@ def decode(vae_dir, model_cfg, topo):
 
 
 def worker(rank: int, world: int, vae_dir, cfg):
-    from launch.plan import resolve_plan
+    from avatar.plan import resolve_plan
 
     topo, _ = resolve_plan(cfg, world).build_mesh("cpu").topologies(rank, torch.device("cpu"), cfg.attention)
     return decode(vae_dir, cfg.model, topo)
@@ -40,7 +40,7 @@ def worker(rank: int, world: int, vae_dir, cfg):
 def test_four_ranks_decode_spatial_and_temporal_tiles_like_one(tmp_path):
     from avatar.pipeline.topology import Topology
     from avatar.weights.tiny_cond import make_tiny_vae
-    from launch.config import compose
+    from avatar.compose import compose
 
     cfg = compose(OVERRIDES)
     vae_dir = make_tiny_vae(tmp_path, cfg.model, seed=2)

@@ -23,7 +23,7 @@ def setup(parallel: dict, strategy: str):
     from avatar.config import ParallelConfig
     from avatar.models.transformer import AvatarDiT
     from avatar.pipeline import denoise as dn
-    from launch.config import compose
+    from avatar.compose import compose
 
     cfg = compose(["model=tiny", "sampling.fidelity=fp32"])
     cfg.parallel = ParallelConfig(**{k: str(v) for k, v in parallel.items()})
@@ -47,7 +47,7 @@ def denoise(cfg, model, cond, sampling, topo, strategy: str) -> torch.Tensor:
 
 
 def worker(rank: int, world: int, cases: list):
-    from launch.plan import resolve_plan
+    from avatar.plan import resolve_plan
 
     out = {}
     for parallel, strategy in cases:

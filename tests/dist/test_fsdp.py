@@ -36,7 +36,7 @@ def setup(weights: str, parallel: dict, fp8: bool, latents: int, steps: int):
     from avatar.config import MemoryMode, ParallelConfig
     from avatar.pipeline import denoise as dn
     from avatar.weights.load import load_dit
-    from launch.config import compose
+    from avatar.compose import compose
 
     cfg = compose(["model=tiny", "sampling.fidelity=fp32"])
     cfg.parallel = ParallelConfig(**{k: str(v) for k, v in parallel.items()})
@@ -62,7 +62,7 @@ def worker(rank: int, world: int, weights: str, cases: list):
 
     from avatar.memory.apply import place_dit, run_placement
     from avatar.parallel.fsdp import local_weight_bytes
-    from launch.plan import resolve_plan
+    from avatar.plan import resolve_plan
 
     out = {}
     for case in cases:

@@ -69,7 +69,7 @@ def holed_inputs(inputs: dict) -> dict:
 
 def forward_worker(rank: int, world: int, layouts: list) -> dict:
     from avatar.config import ParallelConfig
-    from launch.plan import ParallelPlan
+    from avatar.plan import ParallelPlan
     from tests.dist.test_sequence_parallel import HEADS, tiny_dit
 
     model, inputs = tiny_dit()

@@ -14,7 +14,7 @@ def worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from avatar.config import AttentionConfig, ParallelConfig
-    from launch.plan import MESH_AXES, ParallelPlan
+    from avatar.plan import MESH_AXES, ParallelPlan
 
     out = {}
     for name, parallel, gpus_per_node in (
@@ -44,7 +44,7 @@ def worker(rank: int, world: int) -> dict:
 @pytest.mark.timeout(120)
 def test_mesh_groups_and_topologies_on_four_ranks():
     from avatar.config import ParallelConfig
-    from launch.plan import ParallelPlan
+    from avatar.plan import ParallelPlan
 
     results = spawn(4, worker, timeout=110)
     for rank, out in enumerate(results):

@@ -19,7 +19,7 @@ from avatar.parallel.comm import (
     counting,
     data_all_gather_windows,
 )
-from launch.plan import MeshAxis, ParallelPlan
+from avatar.plan import MeshAxis, ParallelPlan
 from tests.utils.spawn import spawn
 
 pytestmark = pytest.mark.slow

@@ -282,8 +282,8 @@ def test_audio_with_a_corrupt_middle(capsys, tmp_path, tiny_weights, built):
     msg = _one_line(capsys, tiny_args(tiny_weights, tmp_path / "o.mp4", mp3), ["speech.mp3", "declares", "5.0"])
     assert "allow_damaged" in msg
     # with audio.allow_damaged=true the same input passes validation (with a warning)
-    from launch.config import compose
-    from launch.validate import validate
+    from avatar.compose import compose
+    from avatar.validate import validate
 
     cfg = compose(tiny_args(tiny_weights, tmp_path / "o.mp4", mp3, "audio.allow_damaged=true"))
     assert len(validate(cfg).jobs) == 1
@@ -379,7 +379,7 @@ def test_help_of_submit():
 
 
 def test_values_are_taken_literally(tmp_path):
-    from launch.config import compose
+    from avatar.compose import compose
 
     prompt = 'A woman, smiling, says: "it\'s ${HOME}" — 你好\nsecond line: ${oc.env:HOME}'
     image = str(tmp_path / "take:1, it's ${x}.jpg")

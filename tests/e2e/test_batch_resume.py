@@ -178,10 +178,10 @@ def test_sigkill_of_one_rank_then_rerun_loses_nothing(tiny_weights, manifest, re
 
 @pytest.mark.timeout(600)
 def test_sigterm_saves_a_checkpoint_exits_75_and_resumes(tiny_weights, tmp_path):
+    from avatar.compose import compose
     from avatar.pipeline.resume import job_state
     from avatar.pipeline.run import Job, config_dict
     from avatar.pipeline.state import StateStore, single_state_dir
-    from launch.config import compose
 
     out = tmp_path / "term.mp4"
     args = [

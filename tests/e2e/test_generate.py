@@ -112,9 +112,9 @@ def test_saved_intermediates_reproduce_the_denoised_latents(single, tiny_weights
     """The denoise stage alone, fed the noise and conditioning the run saved, gives the run's final latents."""
     import torch
 
+    from avatar.compose import compose
     from avatar.pipeline import denoise as dn
     from avatar.weights.load import load_dit
-    from launch.config import compose
 
     noise, cond, extra = dn.load_intermediates(str(single) + ".intermediates.pt")
     assert extra["strategy"] == "shift" and extra["seed"] == 128 and "latents" in extra

@@ -26,8 +26,8 @@ def _render(weights, out, *extra, nproc=1) -> dict:
 
 def _sizes(report) -> tuple[int, int, int, int]:
     """(tokens per frame, width, text tokens, bytes per element) of the tiny model at the report's resolution."""
+    from avatar.compose import compose
     from avatar.models.text import text_seq_len
-    from launch.config import compose
 
     m = compose(["model=tiny"]).model
     width, height = report["resolution"]

@@ -80,7 +80,7 @@ def _kind(kernels: list[str]) -> str:
 
 
 def real_shape():
-    from launch.config import compose
+    from avatar.compose import compose
 
     cfg = compose([f"model={MODEL}"]).model
     latent_frames = (FRAMES - 1) // cfg.vae_temporal_ratio + 1

@@ -29,10 +29,10 @@ def _render(weights, out, *extra, nproc=1):
 
 @pytest.mark.timeout(300)
 def test_streamed_blocks_on_cuda_equal_resident(tiny_weights):
+    from avatar.compose import compose
     from avatar.memory.apply import place_dit, run_placement
     from avatar.pipeline.topology import Topology
     from avatar.weights.load import load_dit
-    from launch.config import compose
     from tests.unit.test_offload import _forwards, _inputs
 
     device = torch.device("cuda")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from avatar.attention import attention
 from avatar.attention.lse import attention_with_lse, merge_partials
-from avatar.parallel.sequence import build_sequence
+from avatar.parallel.backends import build_sequence
 
 
 def inputs(num_q: int = 6, num_k: int = 9, dtype=torch.float32, seed: int = 0):

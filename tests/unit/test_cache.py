@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
+from avatar.compose import compose
 from avatar.models.transformer import CachedInput
 from avatar.pipeline import schedule as sched
 from avatar.pipeline import strategies as strat
 from avatar.pipeline.cache import CachePlan, DeepCache, FrameBuffer, live_bytes
-from launch.config import compose
 
 
 def _window_input(frames: list[int], tokens: int = 2, width: int = 3, text: int = 2) -> CachedInput:

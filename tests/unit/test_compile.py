@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from avatar.compose import compose
 from avatar.perf import compile_parity
-from launch.config import compose
 
 
 @pytest.mark.timeout(180)

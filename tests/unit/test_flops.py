@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from avatar.compose import compose
 from avatar.memory import flops as fl
 from avatar.memory.measure import MeasureCache
 from avatar.models.vae import plan_spatial_tiles, plan_temporal_tiles, whole_frame_plan
 from avatar.pipeline.decode import plan_decode
 from avatar.weights.tiny_cond import tiny_vae_config
-from launch.config import compose
 
 
 def test_cpu_attention_is_counted_like_the_cuda_kernels():

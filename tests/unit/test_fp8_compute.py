@@ -7,21 +7,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from avatar.compose import compose
 from avatar.io.errors import InputError
 from avatar.models.transformer import AvatarDiT
 from avatar.perf import random_dit_inputs, relative_error
+from avatar.validate import check_config
 from avatar.weights.fp8 import (
     FP8_MAX,
     MIN_SCALE,
+    FP8Linear,
     activation_scales,
     enable_fp8_compute,
     quantize_model_fp8,
     quantize_rows,
     scaled_fp8_linear,
 )
-from avatar.weights.load import FP8Linear
-from launch.config import compose
-from launch.validate import check_config
 
 
 def test_activation_scales_are_powers_of_two_that_fit_448():

@@ -18,8 +18,8 @@ from avatar.io.atomic import atomic_path, atomic_torch_save, atomic_write_json, 
 from avatar.io.audio import load_audio, resample
 from avatar.io.errors import InputError
 from avatar.io.image import bucket_size, load_image, resize_to_bucket
-from avatar.io.validate import check_output_path, check_steps
 from avatar.io.video import VideoWriter, ffmpeg_exe, probe
+from avatar.validate import check_output_path, check_steps
 from tests.utils.video import read_frames
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -11,9 +11,9 @@ import torch
 
 from avatar.config import MemoryConfig, MemoryMode, ModelConfig, Offload, ParallelConfig, Shard
 from avatar.io.errors import InputError
+from avatar.memory import estimate as mp
 from avatar.memory import measure
-from avatar.memory import plan as mp
-from launch.plan import ParallelPlan
+from avatar.plan import ParallelPlan
 from launch.plan import main as plan_main
 
 OFFICIAL = ModelConfig(name="hunyuan_avatar")
@@ -124,9 +124,9 @@ def test_free_memory_comes_from_the_override_then_the_provider_then_the_device()
 
 @pytest.mark.timeout(120)
 def test_the_renderer_preflight_resolves_or_refuses_before_loading(tiny_weights):
+    from avatar.compose import compose
     from avatar.pipeline.run import preflight
     from avatar.pipeline.topology import Topology
-    from launch.config import compose
 
     cfg = compose(["model=tiny", f"weights={tiny_weights}"])
     chosen = preflight(cfg, Topology())  # CPU, nothing to plan for

@@ -14,7 +14,7 @@ from avatar.weights.load import load_dit
 
 
 def _config(*overrides: str):
-    from launch.config import compose
+    from avatar.compose import compose
 
     return compose(["model=tiny", *overrides])
 

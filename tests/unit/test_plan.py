@@ -11,7 +11,8 @@ import torch
 
 from avatar.config import ParallelConfig
 from avatar.io.errors import InputError
-from launch.plan import MESH_AXES, MeshAxis, ParallelPlan, main, model_num_heads, sequence_padding
+from avatar.plan import MESH_AXES, MeshAxis, ParallelPlan, model_num_heads, sequence_padding
+from launch.plan import main
 
 # world -> (data, cfg, ring, ulysses) under the all-auto rule.
 AUTO_24_HEADS = {

@@ -10,11 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from avatar.compose import compose
 from avatar.models.transformer import AvatarDiT, CachedInput
 from avatar.pipeline import denoise as dn
 from avatar.pipeline import strategies as strat
 from avatar.pipeline.topology import Topology
-from launch.config import compose
 
 SIDE = 4  # latent side: 2×2 tokens per frame
 OFFICIAL_FULL = set(range(15)) | {15, 20, 25, 30, 35} | set(range(40, 50))

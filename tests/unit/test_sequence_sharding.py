@@ -22,7 +22,8 @@ from avatar.parallel.base import (
     tokens_per_rank,
     unshard_tokens,
 )
-from launch.plan import ParallelPlan, main, sequence_padding_line
+from avatar.plan import ParallelPlan, sequence_padding_line
+from launch.plan import main
 
 PADDING = re.compile(r"padding: (\d+) tokens \(([\d.]+) %\)")
 
@@ -125,7 +126,7 @@ def test_refiner_attention_equals_the_positional_pair_mask(mask):
 def test_fake_tensor_forward_needs_no_host_values():
     """The memory model's forward on fake tensors (no values to read): the text layout falls back to every token
     valid, so the measurement still runs."""
+    from avatar.compose import compose
     from avatar.memory.measure import dit_activation_bytes
-    from launch.config import compose
 
     assert dit_activation_bytes(compose(["model=tiny"]).model, 3, 16, 8) > 0

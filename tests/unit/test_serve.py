@@ -54,9 +54,9 @@ def test_store_order_preemption_recovery_and_reopen(tmp_path):
 def app_client(tmp_path):
     from fastapi.testclient import TestClient
 
+    from avatar.compose import compose
     from avatar.serve.app import create_app
     from avatar.serve.store import JobStore
-    from launch.config import compose
 
     cfg = compose(["model=tiny"])
     cfg = replace(cfg, serve=replace(cfg.serve, api_key="k", max_queue=2, max_image_mb=0.5, max_audio_seconds=3))
@@ -133,10 +133,10 @@ def test_app_key_limits_messages_queue_status_and_content(app_client, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 def test_serve_settings_are_checked_before_anything_is_built(tiny_weights, tmp_path, capsys):
+    from avatar.compose import compose
     from avatar.config import plain
     from avatar.io.errors import InputError
     from avatar.serve.app import bind, check_serve, is_loopback
-    from launch.config import compose
     from launch.serve import main, redacted
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")

@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 from avatar.config import OFFICIAL_DIT_FILE, OFFICIAL_DIT_FP8_FILE, ModelConfig
 from avatar.models.transformer import AvatarDiT
 from avatar.weights.files import BadCheckpoint
+from avatar.weights.fp8 import FP8Linear
 from avatar.weights.layout import expected_state_dict, fp8_map_path
 from avatar.weights.load import (
     CheckpointMismatch,
-    FP8Linear,
     load_dit,
     save_fp8_checkpoint,
     save_official_checkpoint,

@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
+from avatar.compose import compose
 from avatar.config import OFFICIAL_DIT_FILE, OFFICIAL_DIT_FP8_FILE, OFFICIAL_DIT_FP8_MAP_FILE
 from avatar.io.errors import InputError
 from avatar.weights.download import check_target, parse_components, select_files
 from avatar.weights.files import BadCheckpoint, safe_torch_load, weights_fingerprint
 from avatar.weights.verify import verify_weights
-from launch.config import compose
 from launch.weights import main as weights_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""The xfuser backend's token rule is a pure function checked by ``launch.validate`` (and the server, per upload)
+"""The xfuser backend's token rule is a pure function checked by ``avatar.validate`` (and the server, per upload)
 before any model (xfuser itself does not import on a CPU torch), and ``avatar/attention`` no longer imports
 ``avatar/parallel`` (no cycle)."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from avatar.compose import compose
 from avatar.io.errors import InputError
 from avatar.parallel.xfuser import xfuser_token_problem
-from launch.config import compose
-from launch.validate import check_job, check_xfuser_image
+from avatar.validate import check_job, check_xfuser_image
 
 ROOT = Path(__file__).resolve().parents[2]
 
