@@ -374,7 +374,12 @@ class ServeConfig:
     port: int = 8000
     """TCP port (0: any free port; the one chosen is written to ``<state_dir>/server.json``)."""
     api_key: Optional[str] = None
-    """When set, every ``/v1`` request needs ``Authorization: Bearer <api_key>`` (else 401)."""
+    """When set, every ``/v1`` request needs ``Authorization: Bearer <api_key>`` (else 401). Any UTF-8 text without
+    control characters or surrounding spaces; to keep it out of ``ps`` (and past the command-line grammar's ``=``,
+    ``,``, ``#``) use ``api_key_file`` or the environment variable ``AVATAR_API_KEY`` instead."""
+    api_key_file: Optional[str] = None
+    """Read ``api_key`` from this UTF-8 file (one trailing newline dropped). ``AVATAR_API_KEY`` is read when neither
+    ``api_key`` nor ``api_key_file`` is given."""
     state_dir: str = "outputs/serve"
     """The SQLite job store, the uploads and the finished videos (kept across restarts)."""
     max_queue: int = 16
@@ -387,6 +392,8 @@ class ServeConfig:
     """Longest accepted audio, in seconds (also bounded by ``audio.max_seconds`` when that is set)."""
     max_image_side: int = 4096
     """Largest accepted image width or height, in pixels."""
+    max_steps: int = 100
+    """Most denoising steps one request may ask for (400 beyond); the official value is 50."""
 
 
 @dataclass

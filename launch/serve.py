@@ -4,7 +4,8 @@ Every rank composes the same config and loads the models once; rank 0 serves HTT
 ``avatar/serve/app.py``) and keeps the jobs in a SQLite store under ``serve.state_dir``; all ranks run the worker
 loop (``avatar/serve/worker.py``), one job at a time across all of them, through the same ``Renderer`` as the
 command line. The settings are checked before anything is built (bad ones: one line, exit 2): the plan for this
-world size, the weights, the ``serve`` section (a non-loopback ``serve.host`` needs ``serve.api_key``) and the
+world size, the weights, the ``serve`` section (a non-loopback ``serve.host`` needs ``serve.api_key``, which may also
+come from ``serve.api_key_file`` or ``AVATAR_API_KEY``) and the
 address, which rank 0 binds before the models load. SIGTERM/SIGUSR1 (or Ctrl-C) finishes or checkpoints the
 running job and exits (75 when a job was checkpointed); the same command continues the queue.
 """
@@ -12,6 +13,7 @@ running job and exits (75 when a job was checkpointed); the same command continu
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -28,6 +30,10 @@ from launch.log import setup_logging
 
 log = logging.getLogger("launch.serve")
 
+#: The API key from the environment (when neither ``serve.api_key`` nor ``serve.api_key_file`` is given): not in
+#: ``ps``, and any UTF-8 text (the command-line grammar takes no ``=``, ``,`` or ``#`` in a value).
+API_KEY_ENV = "AVATAR_API_KEY"
+
 #: Signals that stop the server (after the running job's next step boundary).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -35,11 +41,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 def prepare(argv: list[str] | None) -> tuple[RunConfig, ParallelPlan]:
     """Compose and check everything that needs no model, resolving the one plan; raises InputError."""
     from avatar.plan import resolve_plan
-    from avatar.serve.app import check_serve
+    from avatar.serve.app import check_serve, with_api_key
     from avatar.validate import check_weights as validate_weights
     from launch.dist import read_env
 
-    cfg = compose(argv)
+    cfg = with_api_key(compose(argv), os.environ.get(API_KEY_ENV))
     check_serve(cfg)
     _, world_size, _, gpus_per_node = read_env()
     plan = resolve_plan(cfg, world_size, gpus_per_node)

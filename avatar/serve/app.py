@@ -1,29 +1,50 @@
-"""The HTTP side of the server (rank 0): a FastAPI app over the ``JobStore``, and the uvicorn thread that serves it.
+"""The HTTP side of the server: a FastAPI app over the ``JobStore``, and the uvicorn thread that serves it.
 
-    POST /v1/videos               multipart: image, audio (files); prompt, seed, steps (optional) → 202 {"id": ...}
-    GET  /v1/videos               the latest jobs
-    GET  /v1/videos/{id}          status (queued|running|succeeded|failed), progress (step, total, ETA), error
-    GET  /v1/videos/{id}/content  the mp4 (409 until it has succeeded)
-    GET  /healthz                 liveness and readiness (models loaded), queue length
-    GET  /                        the web page (upload, progress, playback)
+The video API has the shape of OpenAI's, SGLang-Diffusion's and NVIDIA Dynamo's (``POST``, poll, ``/content``)::
 
-Uploads are checked with the command line's own validation (``avatar.validate.check_job``: the same one-line
-messages, with the client's file name in place of the stored path) before the job is queued: 400 for bad input,
-413 for an upload over ``serve.max_image_mb`` / ``serve.max_audio_mb`` (or a body over their sum), 411 without a
-length, 429 when ``serve.max_queue`` jobs are already waiting. Files are stored under names the server chooses;
-a client's file name is only ever shown back as text. With ``serve.api_key`` every ``/v1`` request needs
-``Authorization: Bearer <key>`` (else 401); the page and ``/healthz`` stay open.
+    POST   /v1/videos                    multipart: image, audio (files); prompt, seed, steps, model (optional)
+                                         → 202 {"id": ..., "status": "queued", ...}
+    GET    /v1/videos                    the jobs, newest first: ?limit=1-100 (20), ?after=<id>, ?order=desc|asc
+                                         → {"object": "list", "data": [...], "first_id", "last_id", "has_more"}
+    GET    /v1/videos/{id}               the job: status queued|in_progress|completed|failed|cancelled, progress
+                                         0-100, step, total_steps, eta_seconds, segments, error, result
+    GET    /v1/videos/{id}/content       the mp4 (409 until completed)
+    GET    /v1/videos/{id}/report        the full run report (409 until completed)
+    GET    /v1/videos/{id}/events        Server-Sent Events: ``progress`` (the job) on every change, ``segment``
+                                         for each finished segment, then ``done`` (the job) and the end
+    GET    /v1/videos/{id}/segments      the finished segments of a ``segments``-strategy job
+    GET    /v1/videos/{id}/segments/{k}  segment k (0-based) as a playable mp4, while the rest renders
+    DELETE /v1/videos/{id}               queued: cancelled at once; in progress: stops after the next step (202);
+                                         finished: forgotten. Every file of the job is removed.
+    GET    /healthz                      liveness and readiness (models loaded), queue length
+    GET    /                             the web page (upload, progress, segments as they arrive, playback)
+
+Every posted field goes through the command line's own validation before anything is stored: the request's seed,
+steps and prompt in a copy of the server's config through ``check_config``, then the uploaded files through
+``check_job`` (the same one-line messages, with the client's file name in place of the stored path). 400 for bad
+input (also steps over ``serve.max_steps``), 413 for an upload over ``serve.max_image_mb`` / ``serve.max_audio_mb``
+(or a body over their sum), 411 without a length, 429 when ``serve.max_queue`` jobs are already waiting. Files are
+stored under names the server chooses; a client's file name is only ever shown back as text. An upload is written
+to ``uploads/.incoming-<host>-<pid>-<id>`` and removed on every failure; the ones a killed server left are removed
+when the next one starts. A fault of the storage (disk full, read-only, a corrupt store) is one log line and a 503
+with a JSON error. With ``serve.api_key`` (or ``serve.api_key_file``, or ``AVATAR_API_KEY``: any UTF-8 text) every
+``/v1`` request needs ``Authorization: Bearer <key>`` (else 401); the page and ``/healthz`` stay open.
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
+import errno
 import hmac
+import json
 import logging
 import os
+import re
 import shutil
 import socket
+import sqlite3
 import threading
+import time
 import unicodedata
 from dataclasses import replace
 from importlib import resources
@@ -31,7 +52,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 
 from avatar.config import RunConfig
 from avatar.io.errors import InputError
@@ -43,7 +64,17 @@ MIB = 1 << 20
 #: Room for the text fields and the multipart framing on top of the two files.
 BODY_SLACK = MIB
 MAX_PROMPT_CHARS = 4000
-FIELDS = ("image", "audio", "prompt", "seed", "steps")
+FIELDS = ("image", "audio", "prompt", "seed", "steps", "model")
+#: The API's names of the store's statuses (the store says ``running`` / ``succeeded``).
+API_STATUS = {"running": "in_progress", "succeeded": "completed"}
+FINISHED = ("completed", "failed", "cancelled")
+#: How often an event stream looks at the job, and how often it sends a keep-alive comment.
+EVENT_POLL_SECONDS, EVENT_KEEPALIVE_SECONDS = 0.25, 15.0
+#: Upload staging folders of other hosts older than this are stale too (an upload is staged for seconds).
+STALE_UPLOAD_SECONDS = 3600
+_INTEGER = re.compile(r"^[+-]?[0-9]{1,40}$")
+_SEGMENT_FILE = re.compile(r"^segment_[0-9]{4,}\.mp4$")
+_STAGING = re.compile(r"^\.incoming-(?:(?P<host>[0-9a-f]{6})-(?P<pid>[0-9]+)-)?vid_[0-9a-f]{24}$")
 
 
 class HTTPProblem(Exception):
@@ -53,6 +84,29 @@ class HTTPProblem(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+# --- storage faults -------------------------------------------------------------------------------------------------
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the job store or the data folder failed (not the request): a 503."""
+    errors: list[type[BaseException]] = [sqlite3.Error, OSError]
+    try:  # the PostgreSQL store's driver, where installed
+        import psycopg
+
+        errors.append(psycopg.Error)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def describe_fault(err: BaseException) -> str:
+    """One line naming a storage fault."""
+    if isinstance(err, OSError) and err.errno is not None:
+        where = f" ({err.filename})" if err.filename else ""
+        return f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror or err}{where}"
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
 # --- accepting a job ------------------------------------------------------------------------------------------------
@@ -68,18 +122,83 @@ def display_name(name: str | None, fallback: str) -> str:
 def _int_field(name: str, value, default: int) -> int:
     if value is None or str(value).strip() == "":
         return default
+    text = str(value).strip()
+    if not _INTEGER.match(text):
+        raise HTTPProblem(400, f"{name}={text[:40]!r} is invalid; give an integer")
+    return int(text)
+
+
+def request_config(cfg: RunConfig, form) -> RunConfig:
+    """The server's config with the request's prompt, seed and steps, checked by the command line's
+    ``check_config`` (seed 0 to 2**63 - 2, steps ≥ 1) and by ``serve.max_steps``; raises ``HTTPProblem``."""
+    from avatar.validate import check_config
+
+    model = form.get("model")
+    if model is not None and str(model).strip() not in ("", cfg.model.name):
+        raise HTTPProblem(400, f"model={str(model)[:40]!r} is not served here; this server renders {cfg.model.name}")
+    prompt = form.get("prompt")
+    prompt = cfg.prompt if prompt is None or str(prompt).strip() == "" else str(prompt)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise HTTPProblem(400, f"prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+    seed = _int_field("seed", form.get("seed"), cfg.seed)
+    steps = _int_field("steps", form.get("steps"), cfg.sampling.steps)
+    ours = replace(cfg, prompt=prompt, seed=seed, sampling=replace(cfg.sampling, steps=steps))
     try:
-        return int(str(value).strip())
-    except ValueError:
-        raise HTTPProblem(400, f"{name}={str(value)[:40]!r} is invalid; give an integer") from None
+        check_config(ours)
+    except InputError as err:
+        raise HTTPProblem(400, str(err).replace("sampling.steps=", "steps=")) from None
+    if steps > cfg.serve.max_steps:
+        raise HTTPProblem(400, f"steps={steps} is over this server's limit of {cfg.serve.max_steps} (serve.max_steps)")
+    return ours
+
+
+def staging_dir(store: JobStore, job_id: str) -> Path:
+    """Where an upload is written and validated before the job exists: named after this host and process, so the
+    next server on this host knows a dead one's leftovers."""
+    from avatar.io.atomic import HOST
+
+    return store.upload_dir(job_id).parent / f".incoming-{HOST}-{os.getpid()}-{job_id}"
+
+
+def remove_stale_uploads(store: JobStore) -> list[str]:
+    """At start-up: remove the upload staging folders that no running server owns (this host's dead processes,
+    the old unnamed ones, other hosts' after ``STALE_UPLOAD_SECONDS``). Returns their names."""
+    from avatar.io.atomic import HOST
+
+    folder, removed = store.upload_dir(new_id()).parent, []
+    for entry in folder.glob(".incoming-*"):
+        match = _STAGING.match(entry.name)
+        if match is None:
+            continue
+        host, pid = match["host"], int(match["pid"] or 0)
+        try:
+            age = time.time() - entry.lstat().st_mtime
+        except OSError:
+            continue
+        if (
+            host is None
+            or (host == HOST and (pid == os.getpid() or not _pid_alive(pid)))
+            or age > STALE_UPLOAD_SECONDS
+        ):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def accept_job(cfg: RunConfig, store: JobStore, form, sequence_degree: int = 1) -> str:
     """Validate one ``POST /v1/videos`` form (a starlette ``FormData``), store its files and queue the job.
     ``sequence_degree``: the plan's ring·ulysses (the xfuser backend's token rule). Returns the job id; raises
-    ``HTTPProblem``."""
-    from avatar.validate import check_job as validate_job
-
+    ``HTTPProblem``. Nothing stays on disk when it raises."""
     serve = cfg.serve
     unknown = sorted(set(form.keys()) - set(FIELDS))
     if unknown:
@@ -90,12 +209,7 @@ def accept_job(cfg: RunConfig, store: JobStore, form, sequence_degree: int = 1) 
         if upload is None or isinstance(upload, str):
             raise HTTPProblem(400, f"missing {field}: send multipart file fields image=<portrait> and audio=<speech>")
         files[field] = upload
-    prompt = form.get("prompt")
-    prompt = cfg.prompt if prompt is None or str(prompt).strip() == "" else str(prompt)
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise HTTPProblem(400, f"prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
-    seed = _int_field("seed", form.get("seed"), cfg.seed)
-    steps = _int_field("steps", form.get("steps"), cfg.sampling.steps)
+    ours = request_config(cfg, form)
     caps = {"image": (serve.max_image_mb, "serve.max_image_mb"), "audio": (serve.max_audio_mb, "serve.max_audio_mb")}
     names = {field: display_name(upload.filename, field) for field, upload in files.items()}
     for field, upload in files.items():
@@ -108,32 +222,42 @@ def accept_job(cfg: RunConfig, store: JobStore, form, sequence_degree: int = 1) 
         raise HTTPProblem(429, f"the queue is full ({serve.max_queue} jobs, serve.max_queue); try again later")
 
     job_id = new_id()
-    staging = store.staging_dir(job_id)
-    staging.mkdir(parents=True)
+    staging, target = staging_dir(store, job_id), store.upload_dir(job_id)
     try:
+        staging.mkdir(parents=True)
         for field, upload in files.items():
             upload.file.seek(0)
             with open(staging / field, "wb") as out:
                 shutil.copyfileobj(upload.file, out, MIB)
-        check = functools.partial(validate_job, sequence_degree=sequence_degree)
-        _validate_files(cfg, staging, names, steps, job_id, store, check)
-        target = store.upload_dir(job_id)
+        segments = _validate_files(ours, staging, names, job_id, store, sequence_degree)
         os.replace(staging, target)
+        added = store.add(
+            job_id,
+            prompt=ours.prompt,
+            seed=ours.seed,
+            steps=ours.sampling.steps,
+            image_name=names["image"],
+            audio_name=names["audio"],
+            max_active=serve.max_queue,
+        )
+        if not added:
+            raise HTTPProblem(429, f"the queue is full ({serve.max_queue} jobs, serve.max_queue); try again later")
+        if segments:
+            store.set_segments(job_id, segments)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if store.get(job_id) is None:
+            shutil.rmtree(target, ignore_errors=True)
         raise
-    if not store.add(
+    log.info(
+        "queued %s (image %s, audio %s, seed %d, %d steps%s)",
         job_id,
-        prompt=prompt,
-        seed=seed,
-        steps=steps,
-        image_name=names["image"],
-        audio_name=names["audio"],
-        max_active=serve.max_queue,
-    ):
-        shutil.rmtree(target, ignore_errors=True)
-        raise HTTPProblem(429, f"the queue is full ({serve.max_queue} jobs, serve.max_queue); try again later")
-    log.info("queued %s (image %s, audio %s, seed %d, %d steps)", job_id, names["image"], names["audio"], seed, steps)
+        names["image"],
+        names["audio"],
+        ours.seed,
+        ours.sampling.steps,
+        f", {segments} segments" if segments else "",
+    )
     return job_id
 
 
@@ -143,22 +267,26 @@ def audio_limit(cfg: RunConfig) -> float:
     return min(limits)
 
 
-def _validate_files(cfg: RunConfig, folder: Path, names: dict, steps: int, job_id: str, store, validate_job) -> None:
-    """The command line's checks on the stored files, then the server's image-size cap."""
+def _validate_files(cfg: RunConfig, folder: Path, names: dict, job_id: str, store, sequence_degree: int) -> int | None:
+    """The command line's checks of the request's job on the stored files, after the server's image-size cap.
+    Returns the number of segments the job renders under the ``segments`` strategy (None for the others)."""
     from PIL import Image
 
     from avatar.pipeline.job import Job
+    from avatar.validate import check_job
 
     capped = replace(cfg, audio=replace(cfg.audio, max_seconds=audio_limit(cfg)))
     job = Job(
         image=str(folder / "image"),
         audio=str(folder / "audio"),
-        prompt="",
+        prompt=cfg.prompt,
         output=str(store.result_path(job_id)),
-        seed=0,
-        steps=steps,
+        seed=cfg.seed,
+        steps=cfg.sampling.steps,
+        strategy=cfg.long.strategy,
+        videoid=job_id,
     )
-    try:  # the size from the header, before anything is decoded (an unreadable file is validate_job's to name)
+    try:  # the size from the header, before anything is decoded (an unreadable file is check_job's to name)
         with Image.open(job.image) as image:
             width, height = image.size
     except Exception:  # noqa: BLE001
@@ -170,64 +298,158 @@ def _validate_files(cfg: RunConfig, folder: Path, names: dict, steps: int, job_i
             "(serve.max_image_side)",
         )
     try:
-        validate_job(capped, job, {"image": job.image, "audio": job.audio}, overwrite=False)
+        check_job(
+            capped, job, {"image": job.image, "audio": job.audio}, overwrite=False, sequence_degree=sequence_degree
+        )
     except InputError as err:
         message = str(err).replace(job.image, names["image"]).replace(job.audio, names["audio"])
         if cfg.audio.max_seconds is None or cfg.serve.max_audio_seconds < cfg.audio.max_seconds:
             message = message.replace("audio.max_seconds", "serve.max_audio_seconds")
         raise HTTPProblem(400, message) from None
+    return segment_count(capped, job.audio)
 
 
-# --- the app --------------------------------------------------------------------------------------------------------
+def segment_count(cfg: RunConfig, audio: str) -> int | None:
+    """How many segments the renderer's strategy splits this audio into (None unless it is ``segments``)."""
+    from avatar.config import FPS
+    from avatar.io.audio import load_audio
+    from avatar.pipeline import strategies
+
+    wav = load_audio(audio, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds, allow_damaged=True)
+    num_frames = max(1, round(len(wav) * FPS / cfg.audio.sample_rate))
+    strategy = strategies.for_run(cfg, str(cfg.long.strategy), num_frames)
+    return len(strategy.plan) if strategy.name == "segments" else None
 
 
-def job_view(store: JobStore, job: dict) -> dict:
-    """What ``GET /v1/videos/{id}`` answers."""
+# --- what a client sees ---------------------------------------------------------------------------------------------
+
+
+def api_status(job: dict) -> str:
+    return API_STATUS.get(job["status"], job["status"])
+
+
+def _stamp(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def read_segments(store: JobStore, job_id: str) -> list[dict]:
+    """The finished segments listed in the job's ``manifest.json`` (each one a complete mp4)."""
+    try:
+        manifest = json.loads((store.segments_dir(job_id) / "manifest.json").read_text())
+        entries = list(manifest["segments"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not _SEGMENT_FILE.match(str(entry.get("file", ""))):
+            continue
+        out.append(
+            {
+                "index": int(entry["index"]),
+                "url": f"/v1/videos/{job_id}/segments/{int(entry['index'])}",
+                "start_seconds": entry.get("start_seconds"),
+                "duration_seconds": entry.get("duration_seconds"),
+                "num_frames": entry.get("num_frames"),
+                "file": entry["file"],
+            }
+        )
+    return out
+
+
+def job_view(store: JobStore, job: dict, model: str = "", segments: list | None = None) -> dict:
+    """What ``GET /v1/videos/{id}`` answers (``segments``: the finished ones, read when not given)."""
+    status = api_status(job)
+    total, step = job["total"], job["step"]
+    percent = 100 if status == "completed" else min(99, int(job.get("percent") or 0))
+    eta = job.get("eta") if job.get("eta") is not None else job.get("eta_seconds")
+    base = f"/v1/videos/{job['id']}"
     out = {
         "id": job["id"],
-        "status": job["status"],
-        "created_at": job["created"],
-        "started_at": job["started"],
-        "finished_at": job["finished"],
+        "object": "video",
+        "model": model,
+        "status": status,
+        "progress": percent,
+        "step": step,
+        "total_steps": total,
+        "eta_seconds": eta if status == "in_progress" else None,
+        "created_at": _stamp(job["created"]),
+        "started_at": _stamp(job["started"]),
+        "completed_at": _stamp(job["finished"]),
         "prompt": job["prompt"],
         "seed": job["seed"],
         "steps": job["steps"],
         "image": job["image_name"],
         "audio": job["audio_name"],
-        "progress": {"step": job["step"], "total": job["total"], "eta_seconds": job["eta_seconds"]},
         "queue_position": store.position(job["id"]) if job["status"] == "queued" else None,
+        "cancel_requested": bool(job.get("cancel_requested")),
         "checkpoint_step": job["checkpoint_step"],
         "resumed_from_step": job["resumed_from_step"],
-        "error": job["error"],
+        "error": {"code": "render_failed", "message": job["error"]} if job["error"] else None,
         "result": job["report"],
+        "segments": None,
+        "urls": {"events": f"{base}/events"},
     }
-    if job["status"] == "succeeded":
-        out["content_url"] = f"/v1/videos/{job['id']}/content"
+    if job.get("segments"):
+        done = read_segments(store, job["id"]) if segments is None else segments
+        out["segments"] = {"total": job["segments"], "done": len(done)}
+        out["urls"]["segments"] = f"{base}/segments"
+    if status == "completed":
+        out["urls"].update(content=f"{base}/content", report=f"{base}/report")
+        out["content_url"] = f"{base}/content"
     return out
+
+
+def _sse(event: str, data) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+# --- the app --------------------------------------------------------------------------------------------------------
 
 
 def create_app(
     cfg: RunConfig, store: JobStore, wake: threading.Event | None = None, ready=lambda: True, sequence_degree: int = 1
 ):
     """The FastAPI app. ``wake`` is set whenever a job is queued (the worker loop waits on it); ``ready()`` says
-    whether the models are loaded; ``sequence_degree`` is the plan's ring·ulysses (uploads are checked against it)."""
+    whether the models are loaded; ``sequence_degree`` is the plan's ring·ulysses (uploads are checked against it).
+    Creating it removes the upload staging folders a killed server left behind."""
     serve = cfg.serve
     max_body = int((serve.max_image_mb + serve.max_audio_mb) * MIB) + BODY_SLACK
     page = resources.files("avatar.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     app = FastAPI(title="avatar-launcher", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
+    app.state.closing = threading.Event()  # set by HttpServer.stop: event streams end
+    key = serve.api_key.encode("utf-8") if serve.api_key else None
+    model = cfg.model.name
+    stale = remove_stale_uploads(store)
+    if stale:
+        log.warning("removed %d unfinished upload(s) a stopped server left: %s", len(stale), ", ".join(stale))
 
     def problem(status: int, message: str, headers: dict | None = None):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
+    def fault(request: Request, err: BaseException):
+        log.error("storage fault on %s %s: %s", request.method, request.url.path, describe_fault(err))
+        return problem(503, f"the server's storage failed ({describe_fault(err)}); try again later")
+
+    for kind in storage_errors():
+        app.add_exception_handler(kind, fault)
+
+    def find(job_id: str):
+        job = store.get(job_id)
+        if job is None:
+            raise HTTPProblem(404, f"no job {job_id[:40]!r}")
+        return job
+
+    @app.exception_handler(HTTPProblem)
+    def refused(request: Request, err: HTTPProblem):
+        return problem(err.status, err.message)
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if request.url.path.startswith("/v1"):
-            if serve.api_key:
-                given = request.headers.get("authorization", "")
-                scheme, _, token = given.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    token.strip().encode(), serve.api_key.encode()
-                ):
+            if key is not None:
+                # header bytes as sent (starlette decodes them as latin-1), so any UTF-8 key compares exactly
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), key):
                     return problem(
                         401,
                         "missing or wrong API key: send the header Authorization: Bearer <serve.api_key>",
@@ -261,40 +483,166 @@ def create_app(
             return problem(400, f"could not read the multipart form ({' '.join(str(err).split())})")
         try:
             job_id = await run_in_threadpool(accept_job, cfg, store, form, sequence_degree)
-        except HTTPProblem as err:
-            return problem(err.status, err.message)
         finally:
             await form.close()
         if wake is not None:
             wake.set()
-        return JSONResponse(
-            {"id": job_id, "status": "queued"}, status_code=202, headers={"Location": f"/v1/videos/{job_id}"}
-        )
+        view = await run_in_threadpool(lambda: job_view(store, store.get(job_id), model))
+        return JSONResponse(view, status_code=202, headers={"Location": f"/v1/videos/{job_id}"})
 
     @app.get("/v1/videos")
-    def list_jobs():
-        return {"data": [job_view(store, job) for job in store.list()]}
+    def list_jobs(limit: str = "20", after: str | None = None, order: str = "desc"):
+        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+            raise HTTPProblem(400, f"limit={limit[:20]!r} is invalid; give 1-100")
+        if order not in ("desc", "asc"):
+            raise HTTPProblem(400, f"order={order[:20]!r} is invalid; give desc or asc")
+        if after is not None and store.get(after) is None:
+            raise HTTPProblem(400, f"after={after[:40]!r} is not a job; give the last id of the previous page")
+        jobs, more = store.page(int(limit), after, order)
+        data = [job_view(store, job, model) for job in jobs]
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": more,
+        }
 
     @app.get("/v1/videos/{job_id}")
     def status(job_id: str):
+        return job_view(store, find(job_id), model)
+
+    @app.delete("/v1/videos/{job_id}")
+    def cancel(job_id: str):
+        job = find(job_id)
+        if api_status(job) in FINISHED:
+            if store.delete(job_id):
+                store.free_files(job_id)
+                log.info("deleted %s (%s) and its files", job_id, api_status(job))
+            return {"id": job_id, "object": "video.deleted", "deleted": True}
+        after = store.request_cancel(job_id)
+        if after == "cancelled":
+            store.free_files(job_id)
+            log.info("cancelled %s before it started; its files are removed", job_id)
+        else:
+            log.info("cancel requested for %s (%s): it stops after the next step", job_id, after)
         job = store.get(job_id)
         if job is None:
-            return problem(404, f"no job {job_id[:40]!r}")
-        return job_view(store, job)
+            raise HTTPProblem(404, f"no job {job_id[:40]!r}")
+        view = job_view(store, job, model)
+        return JSONResponse(view, status_code=200 if view["status"] in FINISHED else 202)
+
+    def finished_file(job_id: str, what: str, path_of) -> Path:
+        job = find(job_id)
+        if api_status(job) != "completed":
+            raise HTTPProblem(409, f"job {job_id} is {api_status(job)}; its {what} is ready once it has completed")
+        path = path_of(job_id)
+        if not path.is_file():
+            raise HTTPProblem(410, f"the {what} of job {job_id} is no longer on the server")
+        return path
 
     @app.get("/v1/videos/{job_id}/content")
     def content(job_id: str):
-        job = store.get(job_id)
-        if job is None:
-            return problem(404, f"no job {job_id[:40]!r}")
-        if job["status"] != "succeeded":
-            return problem(409, f"job {job_id} is {job['status']}; its video is ready once it has succeeded")
-        path = store.result_path(job_id)
-        if not path.is_file():
-            return problem(410, f"the video of job {job_id} is no longer on the server")
+        path = finished_file(job_id, "video", store.result_path)
         return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4")
 
+    @app.get("/v1/videos/{job_id}/report")
+    def report(job_id: str):
+        path = finished_file(job_id, "report", store.report_path)
+        return FileResponse(path, media_type="application/json", filename=f"{job_id}.json")
+
+    @app.get("/v1/videos/{job_id}/segments")
+    def segments(job_id: str):
+        job = find(job_id)
+        done = read_segments(store, job_id)
+        return {"object": "list", "data": done, "total": job.get("segments"), "status": api_status(job)}
+
+    @app.get("/v1/videos/{job_id}/segments/{index}")
+    def segment(job_id: str, index: str):
+        job = find(job_id)
+        total = job.get("segments")
+        if not total:
+            raise HTTPProblem(404, f"job {job_id} is not rendered in segments (long.strategy=segments, long audio)")
+        if not index.isdigit() or int(index) >= total:
+            raise HTTPProblem(404, f"segment {index[:20]!r} is invalid; job {job_id} has segments 0-{total - 1}")
+        found = [s for s in read_segments(store, job_id) if s["index"] == int(index)]
+        if not found:
+            raise HTTPProblem(
+                409 if api_status(job) not in FINISHED else 410,
+                f"segment {index} of job {job_id} is not rendered yet"
+                if api_status(job) not in FINISHED
+                else f"segment {index} of job {job_id} is no longer on the server",
+            )
+        path = store.segments_dir(job_id) / found[0]["file"]
+        if not path.is_file():
+            raise HTTPProblem(410, f"segment {index} of job {job_id} is no longer on the server")
+        return FileResponse(path, media_type="video/mp4", filename=f"{job_id}-segment-{int(index):04d}.mp4")
+
+    @app.get("/v1/videos/{job_id}/events")
+    async def events(job_id: str, request: Request):
+        await run_in_threadpool(find, job_id)
+
+        def look():
+            job = store.get(job_id)  # the status first: a completed job's manifest is already complete
+            return job, (read_segments(store, job_id) if job is not None else [])
+
+        async def stream():
+            sent: set[int] = set()
+            last, quiet = None, time.monotonic()
+            yield b"retry: 2000\n\n"
+            while not app.state.closing.is_set() and not await request.is_disconnected():
+                job, done = await run_in_threadpool(look)
+                if job is None:
+                    yield _sse("error", {"error": f"job {job_id} was deleted"})
+                    return
+                for seg in done:
+                    if seg["index"] not in sent:
+                        sent.add(seg["index"])
+                        yield _sse("segment", seg)
+                view = job_view(store, job, model, done)
+                changed = (view["status"], view["progress"], view["step"], view["queue_position"], len(sent))
+                if changed != last:
+                    last, quiet = changed, time.monotonic()
+                    yield _sse("progress", view)
+                if view["status"] in FINISHED:
+                    yield _sse("done", view)
+                    return
+                if time.monotonic() - quiet > EVENT_KEEPALIVE_SECONDS:
+                    quiet = time.monotonic()
+                    yield b": keep-alive\n\n"
+                await asyncio.sleep(EVENT_POLL_SECONDS)
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
     return app
+
+
+# --- the API key ----------------------------------------------------------------------------------------------------
+
+
+def with_api_key(cfg: RunConfig, environ_key: str | None) -> RunConfig:
+    """The config with its API key from ``serve.api_key``, else ``serve.api_key_file`` (its text, one trailing
+    newline dropped), else ``environ_key`` (``AVATAR_API_KEY``, read by the launcher). Giving both ``serve.api_key``
+    and ``serve.api_key_file`` is an error (raises InputError)."""
+    serve = cfg.serve
+    key = serve.api_key
+    if serve.api_key_file:
+        if key is not None:
+            raise InputError("serve.api_key and serve.api_key_file are both set; give one of them")
+        path = Path(serve.api_key_file)
+        try:
+            key = path.read_bytes().decode("utf-8")
+        except OSError as err:
+            raise InputError(f"serve.api_key_file={path}: cannot read it ({err.strerror or err})") from None
+        except UnicodeDecodeError:
+            raise InputError(f"serve.api_key_file={path}: not UTF-8 text") from None
+        key = key.removesuffix("\n").removesuffix("\r")
+        if not key:
+            raise InputError(f"serve.api_key_file={path} is empty; write the key in it")
+    elif key is None and environ_key:
+        key = environ_key
+    return cfg if key == serve.api_key else replace(cfg, serve=replace(serve, api_key=key))
 
 
 # --- serving it -----------------------------------------------------------------------------------------------------
@@ -326,8 +674,21 @@ def check_serve(cfg: RunConfig) -> None:
     for key in ("max_image_mb", "max_audio_mb", "max_audio_seconds", "max_image_side"):
         if getattr(serve, key) <= 0:
             raise InputError(f"serve.{key}={getattr(serve, key)} is invalid; give a positive number")
-    if serve.api_key is not None and not serve.api_key.strip():
-        raise InputError("serve.api_key is empty; give a secret or leave it unset")
+    if serve.max_steps < 1:
+        raise InputError(f"serve.max_steps={serve.max_steps} is invalid; give an integer ≥ 1")
+    if cfg.sampling.steps > serve.max_steps:
+        raise InputError(
+            f"sampling.steps={cfg.sampling.steps} is over serve.max_steps={serve.max_steps}; lower one or raise the other"
+        )
+    key = serve.api_key
+    if key is not None:
+        if not key.strip():
+            raise InputError("serve.api_key is empty; give a secret or leave it unset")
+        if key != key.strip() or any(unicodedata.category(ch) == "Cc" for ch in key):
+            raise InputError(
+                "serve.api_key starts or ends with a space or holds a control character (a tab, a newline): "
+                "an HTTP header cannot carry it; give a key without them"
+            )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -353,8 +714,15 @@ class HttpServer:
     def __init__(self, app, sock: socket.socket) -> None:
         import uvicorn
 
-        self.sock = sock
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=5)
+        self.sock, self.app = sock, app
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=5,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="http", daemon=True)
 
@@ -370,6 +738,9 @@ class HttpServer:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        closing = getattr(getattr(self.app, "state", None), "closing", None)
+        if closing is not None:  # open event streams end, so the shutdown does not wait on them
+            closing.set()
         self.server.should_exit = True
         self.thread.join(timeout)
         self.sock.close()

@@ -8,7 +8,7 @@ Layout under ``serve.state_dir``::
     results/<id>.mp4          the finished video (and <id>.mp4.json, its run report)
     resume/<id>/              the renderer's resume state of an unfinished job (step checkpoints)
 
-A job goes ``queued → running → succeeded | failed``; a preempted job goes back to ``queued`` and keeps its place
+A job goes ``queued → running → succeeded | failed | cancelled``; a preempted job goes back to ``queued`` and keeps its place
 (jobs run in the order they were accepted), so a restarted server continues it first, from its checkpoint. A job
 left ``running`` by a crash is queued again when the store is opened. Every write is one committed transaction
 (WAL journal, ``synchronous=FULL``); the store is used by rank 0 only, from the HTTP threads and the worker loop.
@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-STATUSES = ("queued", "running", "succeeded", "failed")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 
 #: Job ids the store hands out: ``vid_`` and 24 hex digits. Anything else is not a job (and never a path).
@@ -53,6 +53,17 @@ CREATE TABLE IF NOT EXISTS jobs (
 )
 """
 
+#: Columns the HTTP API added to the first schema (issue 21): ``ALTER TABLE ... ADD COLUMN`` on an older store, so a
+#: store made before them opens unchanged. ``cancel_requested``: ``DELETE`` of a running job (its worker stops at the
+#: next step); ``percent`` / ``eta``: progress the worker computes (0-100, seconds left), readable by any front end;
+#: ``segments``: how many segments a ``segments``-strategy job renders (NULL for the other strategies).
+_API_COLUMNS = {
+    "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+    "percent": "INTEGER NOT NULL DEFAULT 0",
+    "eta": "REAL",
+    "segments": "INTEGER",
+}
+
 
 def new_id() -> str:
     return "vid_" + secrets.token_hex(12)
@@ -71,6 +82,7 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
+        self._add_api_columns()
         self._pace: dict[str, tuple[float, int]] = {}
 
     def close(self) -> None:
@@ -236,6 +248,105 @@ class JobStore:
         if done <= 0:
             return None
         return round((time.time() - start) / done * max(0, job["total"] - job["step"]), 1)
+
+    # --- the HTTP API's additions (issue 21): paging, cancel, progress, files ---------------------------------------
+
+    def _add_api_columns(self) -> None:
+        have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in _API_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+
+    def page(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[dict], bool]:
+        """Up to ``limit`` jobs in acceptance order (``desc``: newest first), after the job ``after`` (the last id
+        of the previous page). Returns ``(jobs, has_more)``; an ``after`` that is not a job gives an empty page."""
+        newest = order != "asc"
+        with self._lock:
+            where, args = "", []
+            if after is not None:
+                row = self._db.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone()
+                if row is None:
+                    return [], False
+                where, args = ("WHERE seq < ?" if newest else "WHERE seq > ?"), [row["seq"]]
+            rows = self._db.execute(
+                f"SELECT * FROM jobs {where} ORDER BY seq {'DESC' if newest else 'ASC'} LIMIT ?", (*args, limit + 1)
+            ).fetchall()
+        return [self._public(row) for row in rows[:limit]], len(rows) > limit
+
+    def request_cancel(self, job_id: str) -> str | None:
+        """``DELETE`` of a job: a queued one becomes ``cancelled`` at once; a running one is flagged (its worker
+        stops at the next step and calls ``mark_cancelled``). Returns the status after, None for no such job."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is not None and row["status"] == "queued":
+                    self._db.execute(
+                        "UPDATE jobs SET status = 'cancelled', finished = ?, cancel_requested = 1 WHERE id = ?",
+                        (time.time(), job_id),
+                    )
+                elif row is not None and row["status"] == "running":
+                    self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if row is None:
+            return None
+        return "cancelled" if row["status"] == "queued" else row["status"]
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a ``DELETE`` asked to stop this job (the worker asks after every step)."""
+        with self._lock:
+            row = self._db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row["cancel_requested"])
+
+    def mark_cancelled(self, job_id: str, step: int | None) -> None:
+        """A running job its worker stopped on request, after ``step``."""
+        self._pace.pop(job_id, None)
+        self._exec(
+            "UPDATE jobs SET status = 'cancelled', finished = ?, step = COALESCE(?, step), eta = NULL"
+            " WHERE id = ? AND status = 'running'",
+            (time.time(), step, job_id),
+        )
+
+    def set_progress(self, job_id: str, percent: int, eta: float | None) -> None:
+        """The worker's estimate of the whole job: ``percent`` done (0-100) and ``eta`` seconds left."""
+        self._exec("UPDATE jobs SET percent = ?, eta = ? WHERE id = ?", (int(percent), eta, job_id))
+
+    def set_segments(self, job_id: str, count: int | None) -> None:
+        """How many segments the job renders (``segments`` strategy), recorded when it is accepted."""
+        self._exec("UPDATE jobs SET segments = ? WHERE id = ?", (count, job_id))
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a finished (succeeded, failed or cancelled) job; its files are ``free_files``'s. Returns whether a
+        row went."""
+        with self._lock:
+            cursor = self._db.execute(
+                "DELETE FROM jobs WHERE id = ? AND status IN ('succeeded', 'failed', 'cancelled')", (job_id,)
+            )
+        return cursor.rowcount > 0
+
+    def segments_dir(self, job_id: str) -> Path:
+        """Where the ``segments`` strategy writes a job's finished segments (``manifest.json`` lists them)."""
+        return self.result_path(job_id).with_name(self.result_path(job_id).name + ".segments")
+
+    def report_path(self, job_id: str) -> Path:
+        """The full run report beside the video."""
+        return self.result_path(job_id).with_name(self.result_path(job_id).name + ".json")
+
+    def free_files(self, job_id: str) -> None:
+        """Remove everything stored for a job: upload, resume state, video, report, segments, temporaries."""
+        import shutil
+
+        result = self.result_path(job_id)
+        for folder in (self.upload_dir(job_id), self.resume_dir(job_id), self.segments_dir(job_id)):
+            shutil.rmtree(folder, ignore_errors=True)
+        for path in [*result.parent.glob(f"{job_id}.mp4*"), *result.parent.glob(f".{job_id}.mp4*")]:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def report_summary(report: dict) -> dict:

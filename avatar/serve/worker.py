@@ -6,6 +6,8 @@ line does (same ``Renderer.render``, same resume state, same report). Between jo
 ``IDLE_SECONDS`` (one tiny all-reduce and a broadcast), so an idle server never runs into a collective timeout and a
 stop request is agreed on by all ranks. A preemption signal (SIGTERM/SIGUSR1) during a job checkpoints it at the
 next step boundary and puts it back at the head of the queue; the loop then ends and the launcher exits with 75.
+``DELETE /v1/videos/{id}`` of the running job stops it the same way after the next step (``avatar/serve/watch.py``),
+but the job is dropped with its files and the loop goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from avatar.pipeline.job import Job
 from avatar.pipeline.resume import Preempted
 from avatar.pipeline.state import StateStore
+from avatar.serve.watch import JobWatch
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +112,20 @@ def run_job(renderer, topo, store, preemption, command: dict, strategy: str, scr
         videoid=job_id,
     )
     state = StateStore(command["resume"])
+    watch = JobWatch(store, spec, topo, preemption, command["output"])  # progress, and DELETE's stop at each step
     if topo.is_main:
         note = f", resuming after step {spec['checkpoint_step']}" if spec.get("checkpoint_step") else ""
         log.info("job %s: rendering (attempt %d%s)", job_id, spec["attempts"], note)
 
-    def on_step(done: int, total: int) -> None:
-        store.progress(job_id, done, total)
-
     try:
-        report = renderer.render(job, state=state, preemption=preemption, on_step=on_step if topo.is_main else None)
+        report = renderer.render(job, state=state, preemption=watch, on_step=watch.on_step if topo.is_main else None)
     except Preempted as stop:
+        if watch.agreed_cancel():
+            if topo.is_main:
+                watch.drop(stop.step)
+            else:
+                shutil.rmtree(Path(scratch.name) / job_id, ignore_errors=True)
+            return True
         if topo.is_main:
             store.requeue(job_id, stop.step)
             log.warning(
@@ -130,7 +137,9 @@ def run_job(renderer, topo, store, preemption, command: dict, strategy: str, scr
             log.exception("job %s failed", job_id)
             store.fail(job_id, f"{type(err).__name__}: {err}")
         return True
-    if topo.is_main:
+    if topo.is_main and watch.cancelled_at_end():
+        watch.drop(None)
+    elif topo.is_main:
         store.succeed(job_id, report)
         shutil.rmtree(command["resume"], ignore_errors=True)
         log.info("job %s: succeeded (%s)", job_id, command["output"])
