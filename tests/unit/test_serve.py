@@ -104,16 +104,8 @@ def test_app_key_limits_messages_queue_status_and_content(app_client, tmp_path):
     job_id = ok.json()["id"]
     assert (client.store.upload_dir(job_id) / "image").read_bytes() == portrait
     status = client.get(f"/v1/videos/{job_id}", headers=key).json()
-    assert (
-        status["status"] == "queued"
-        and status["seed"] == 3
-        and status["progress"]
-        == {
-            "step": 0,
-            "total": 2,
-            "eta_seconds": None,
-        }
-    )
+    assert status["status"] == "queued" and status["seed"] == 3 and status["object"] == "video"
+    assert (status["progress"], status["step"], status["total_steps"], status["eta_seconds"]) == (0, 0, 2, None)
     assert status["image"] == "face.jpg" and status["queue_position"] == 0
     assert client.get(f"/v1/videos/{job_id}/content", headers=key).status_code == 409
     assert client.post("/v1/videos", files=_files(portrait, speech), headers=key).status_code == 202
@@ -124,7 +116,7 @@ def test_app_key_limits_messages_queue_status_and_content(app_client, tmp_path):
     client.store.result_path(job_id).write_bytes(b"mp4 bytes")
     client.store.succeed(job_id, {"num_frames": 25})
     done = client.get(f"/v1/videos/{job_id}", headers=key).json()
-    assert done["status"] == "succeeded" and done["content_url"] == f"/v1/videos/{job_id}/content"
+    assert done["status"] == "completed" and done["progress"] == 100 and done["content_url"] == f"/v1/videos/{job_id}/content"
     content = client.get(done["content_url"], headers=key)
     assert content.status_code == 200 and content.content == b"mp4 bytes"
     assert content.headers["content-type"] == "video/mp4"
