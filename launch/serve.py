@@ -41,9 +41,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 def prepare(argv: list[str] | None) -> tuple[RunConfig, ParallelPlan]:
     """Compose and check everything that needs no model, resolving the one plan; raises InputError."""
     from avatar.plan import resolve_plan
-    from avatar.serve.app import check_serve, with_api_key
+    from avatar.serve.app import check_serve, check_store, with_api_key
     from avatar.validate import check_weights as validate_weights
-    from launch.dist import read_env
+    from launch.dist import peek_rank, read_env
 
     cfg = with_api_key(compose(argv), os.environ.get(API_KEY_ENV))
     check_serve(cfg)
@@ -55,6 +55,8 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, ParallelPlan]:
         state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"serve.state_dir={state_dir} cannot be created: {err.strerror or err}") from None
+    if peek_rank() == 0:
+        check_store(cfg)  # a corrupt or unwritable store: one line, exit 2
     return cfg, plan
 
 

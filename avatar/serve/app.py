@@ -223,6 +223,7 @@ def accept_job(cfg: RunConfig, store: JobStore, form, sequence_degree: int = 1) 
 
     job_id = new_id()
     staging, target = staging_dir(store, job_id), store.upload_dir(job_id)
+    added = False
     try:
         staging.mkdir(parents=True)
         for field, upload in files.items():
@@ -242,13 +243,16 @@ def accept_job(cfg: RunConfig, store: JobStore, form, sequence_degree: int = 1) 
         )
         if not added:
             raise HTTPProblem(429, f"the queue is full ({serve.max_queue} jobs, serve.max_queue); try again later")
-        if segments:
-            store.set_segments(job_id, segments)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if store.get(job_id) is None:
+        if not added:
             shutil.rmtree(target, ignore_errors=True)
         raise
+    if segments:
+        try:  # only the progress of the job's rounds needs it: a fault here does not refuse the queued job
+            store.set_segments(job_id, segments)
+        except storage_errors() as err:
+            log.error("job %s: its segment count was not stored (%s)", job_id, describe_fault(err))
     log.info(
         "queued %s (image %s, audio %s, seed %d, %d steps%s)",
         job_id,
@@ -616,6 +620,17 @@ def create_app(
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     return app
+
+
+def check_store(cfg: RunConfig) -> None:
+    """Before anything is built (rank 0): the job store opens; a corrupt or unusable one raises InputError."""
+    try:
+        JobStore(cfg.serve.state_dir).close()
+    except storage_errors() as err:
+        raise InputError(
+            f"serve.state_dir={cfg.serve.state_dir}: the job store cannot be used ({describe_fault(err)}); "
+            "move it away to start with an empty queue"
+        ) from None
 
 
 # --- the API key ----------------------------------------------------------------------------------------------------

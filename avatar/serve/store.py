@@ -132,7 +132,7 @@ class JobStore:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         return True
 
@@ -149,7 +149,7 @@ class JobStore:
                     )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         if row is None:
             return None
@@ -251,6 +251,12 @@ class JobStore:
 
     # --- the HTTP API's additions (issue 21): paging, cancel, progress, files ---------------------------------------
 
+    def _rollback(self) -> None:
+        """After a failed statement: roll back what is still open (a failed COMMIT, e.g. a full disk, has already
+        rolled back, and a second ROLLBACK would hide its error)."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
     def _add_api_columns(self) -> None:
         have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
         for name, decl in _API_COLUMNS.items():
@@ -289,7 +295,7 @@ class JobStore:
                     self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         if row is None:
             return None

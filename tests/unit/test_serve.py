@@ -116,7 +116,11 @@ def test_app_key_limits_messages_queue_status_and_content(app_client, tmp_path):
     client.store.result_path(job_id).write_bytes(b"mp4 bytes")
     client.store.succeed(job_id, {"num_frames": 25})
     done = client.get(f"/v1/videos/{job_id}", headers=key).json()
-    assert done["status"] == "completed" and done["progress"] == 100 and done["content_url"] == f"/v1/videos/{job_id}/content"
+    assert (
+        done["status"] == "completed"
+        and done["progress"] == 100
+        and done["content_url"] == f"/v1/videos/{job_id}/content"
+    )
     content = client.get(done["content_url"], headers=key)
     assert content.status_code == 200 and content.content == b"mp4 bytes"
     assert content.headers["content-type"] == "video/mp4"
