@@ -54,6 +54,7 @@ class Resume:
         self.every = every
         self.resumed_from: int | None = None
         self._stop = False
+        self.discard = False  # the agreed stop is a cancel: nothing is saved
         self._on_step = on_step if topo.is_main else None
 
     def _progress(self, done: int) -> None:
@@ -63,11 +64,18 @@ class Resume:
     # --- the agreed stop --------------------------------------------------------------------------------------------
 
     def stop_requested(self) -> bool:
-        """True on every rank of the group once any of them received a preemption signal (a collective)."""
+        """True on every rank of the group once any of them received a preemption signal (a collective). A
+        ``preemption`` object with ``stop_level()`` (the server's ``JobWatch``) may also answer 2: the job is
+        cancelled, so every rank stops after this step with no checkpoint (``discard``), cached step or not."""
         if self.preemption is None or self._stop:
             return self._stop
-        self._stop = self.topo.all_reduce_max(1.0 if self.preemption.requested else 0.0) > 0
-        if self._stop:
+        level = getattr(self.preemption, "stop_level", None)
+        level = level() if level is not None else (1.0 if self.preemption.requested else 0.0)
+        agreed = self.topo.all_reduce_max(float(level))
+        self._stop, self.discard = agreed > 0, agreed >= 2
+        if self.discard:
+            log.warning("job cancelled: stopping after this step")
+        elif self._stop:
             log.warning("preemption requested: finishing the current step, saving a checkpoint")
         return self._stop
 
@@ -97,6 +105,8 @@ class Resume:
         done = step + 1
         self._progress(done)
         stop = self.stop_requested()
+        if stop and self.discard:
+            raise Preempted(done)
         if not self._checkpoint_due(done, stop):
             return
         if self.state is not None and self.topo.is_main:
@@ -141,6 +151,8 @@ class Resume:
         done = step + 1
         self._progress(done)
         stop = self.stop_requested()
+        if stop and self.discard:
+            raise Preempted(done)
         if not self._checkpoint_due(done, stop):
             return
         gathered = self.topo.all_gather_data(mine)

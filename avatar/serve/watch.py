@@ -2,9 +2,10 @@
 
 The renderer calls ``on_step(done, total)`` on the group's rank 0 after every denoising step and asks its
 ``preemption`` object at every step boundary whether to stop (``Resume.stop_requested``: all ranks agree with one
-all-reduce). ``JobWatch`` is that object: it stops when the process got a preemption signal (as before) or when rank
-0 read the job's cancel flag in the store after the step (``DELETE /v1/videos/{id}``), so a cancelled job stops after
-at most one more step on every rank. ``agreed_cancel`` then tells every rank whether the stop was a cancel (the job
+all-reduce). ``JobWatch`` is that object: it asks for a checkpoint-and-stop when the process got a preemption signal
+(as before), and for a stop with nothing kept when rank 0 read the job's cancel flag in the store after the step
+(``DELETE /v1/videos/{id}``), so a cancelled job stops after at most one more step on every rank, even inside a run
+of cached steps (where no checkpoint can be taken). ``agreed_cancel`` then tells every rank whether the stop was a cancel (the job
 is dropped, the server goes on) or a preemption (the job is checkpointed and queued again, the server stops).
 
 Progress is the fraction of the denoising done: ``done / total`` steps, and for the ``segments`` strategy the rounds
@@ -41,9 +42,15 @@ class JobWatch:
 
     @property
     def requested(self) -> bool:
-        """Read by ``Resume.stop_requested`` on every rank at every step boundary (then all-reduced)."""
-        signalled = self.preemption is not None and self.preemption.requested
-        return signalled or self.cancelled
+        """A stop of either kind is wanted on this rank."""
+        return self.stop_level() > 0
+
+    def stop_level(self) -> float:
+        """Read by ``Resume.stop_requested`` on every rank at every step boundary, then all-reduced (MAX): 0 go on,
+        1 preempted (checkpoint at the next resumable step), 2 cancelled (stop after this step, keep nothing)."""
+        if self.cancelled:
+            return 2.0
+        return 1.0 if self.preemption is not None and self.preemption.requested else 0.0
 
     def fraction(self, done: int, total: int) -> float:
         """How much of the job's denoising is done after step ``done`` of ``total`` of the current pass."""
