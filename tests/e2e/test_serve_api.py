@@ -34,7 +34,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 LONG_SECONDS = 40.0
 #: Windows of 129 frames (5 s segments, as the official model's window) keep a 40 s job to 10 segments.
 WINDOW = 129
-OBSERVED: dict = {}  # what the long-job test saw in the page, for the page test
+OBSERVED: dict = {}  # what the page showed during the long job (filled by _watch_page)
 
 
 @pytest.fixture(scope="module")
@@ -286,16 +286,15 @@ def _watch_page(driver, srv: Server, job_id: str, tmp_path: Path) -> None:
         time.sleep(0.3)
 
 
-@pytest.mark.timeout(600)
-def test_events_deliver_every_segment_before_the_job_completes(server, long_audio, tmp_path):
-    from avatar.io.video import probe
-
-    missing = _browser_missing()
-    OBSERVED.clear()
-    OBSERVED["browser"] = missing
-    driver = None if missing else _browser()
+@pytest.fixture(scope="module")
+def long_run(server, long_audio, tmp_path_factory) -> dict:
+    """The 40 s job, submitted through the web page where Chromium is installed (else over HTTP), its event stream
+    read meanwhile: ``{"events": [(seconds, event, data)], "errors": [...], "page": {...}}``."""
+    tmp_path = tmp_path_factory.mktemp("long-run")
+    driver = None if _browser_missing() else _browser()
     events: list = []
     errors: list = []
+    OBSERVED.clear()
     try:
         if driver is not None:
             job_id = _submit_in_page(driver, server.url, long_audio)
@@ -306,10 +305,20 @@ def test_events_deliver_every_segment_before_the_job_completes(server, long_audi
         if driver is not None:
             _watch_page(driver, server, job_id, tmp_path)
         reader.join(420)
+        if reader.is_alive():
+            errors.append(TimeoutError("the event stream did not end"))
     finally:
         if driver is not None:
             driver.quit()
-    assert not reader.is_alive() and not errors, (errors, server.tail())
+    return {"events": events, "errors": errors, "page": dict(OBSERVED)}
+
+
+@pytest.mark.timeout(600)
+def test_events_deliver_every_segment_before_the_job_completes(server, long_run, tmp_path):
+    from avatar.io.video import probe
+
+    events, errors = long_run["events"], long_run["errors"]
+    assert not errors, (errors, server.tail())
 
     kinds = [kind for _, kind, _ in events]
     assert kinds[-1] == "done" and events[-1][2]["status"] == "completed", (kinds, server.tail())
@@ -333,14 +342,14 @@ def test_events_deliver_every_segment_before_the_job_completes(server, long_audi
     assert progress == sorted(progress) and progress[-1] == 100 and len(set(progress)) > 5, progress
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(600)
 @pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
-def test_web_page_plays_segment_one_while_the_rest_renders():
-    assert OBSERVED.get("browser", "not run") is None, "run with the events test before it (same module)"
-    playing = OBSERVED.get("playing")
-    assert playing, "the page never played segment 1"
+def test_web_page_plays_segment_one_while_the_rest_renders(long_run):
+    page = long_run["page"]
+    playing = page.get("playing")
+    assert playing, ("the page never played segment 1", long_run["errors"])
     job = playing["job"]
     assert job["status"] == "in_progress" and job["segments"]["done"] < job["segments"]["total"], job
-    assert OBSERVED["screenshot"][:8] == b"\x89PNG\r\n\x1a\n"
-    assert OBSERVED.get("whole"), "the page did not show the whole video once the job completed"
-    assert OBSERVED["whole"]["status"].startswith("Done"), OBSERVED["whole"]
+    assert page["screenshot"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.get("whole"), "the page did not show the whole video once the job completed"
+    assert page["whole"]["status"].startswith("Done"), page["whole"]
