@@ -489,9 +489,9 @@ def create_app(
             job_id = await run_in_threadpool(accept_job, cfg, store, form, sequence_degree)
         finally:
             await form.close()
+        view = await run_in_threadpool(lambda: job_view(store, store.get(job_id), model))
         if wake is not None:
             wake.set()
-        view = await run_in_threadpool(lambda: job_view(store, store.get(job_id), model))
         return JSONResponse(view, status_code=202, headers={"Location": f"/v1/videos/{job_id}"})
 
     @app.get("/v1/videos")

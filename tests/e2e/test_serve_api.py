@@ -134,12 +134,8 @@ def test_openai_style_client_polls_for_completed(server, one_second_clip, tmp_pa
 
     assert call("GET", f"{server.url}/v1/videos", headers={"Authorization": "Bearer k"})[0] == 401
     created = post_video(server.url, one_second_clip, prompt="A woman speaks.", seed=11, steps=3, model="tiny")
-    assert (created["object"], created["status"], created["progress"], created["model"]) == (
-        "video",
-        "queued",
-        0,
-        "tiny",
-    )
+    assert (created["object"], created["progress"], created["model"]) == ("video", 0, "tiny"), created
+    assert created["status"] in ("queued", "in_progress"), created  # an idle worker may take it at once
     seen = set()
     deadline = time.monotonic() + 240
     while True:  # the loop an aiperf-like tool runs: poll until a final status
