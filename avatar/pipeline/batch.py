@@ -25,6 +25,7 @@ from avatar.io.errors import WRITE_ERRNOS, InputError, OutputConflict
 from avatar.io.manifest import Manifest, Row, read_manifest, row_problem
 from avatar.pipeline.resume import Preempted, job_state
 from avatar.pipeline.state import StateStore, batch_state_dir
+from avatar.pipeline.work import group_rows
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def run_batch(cfg: RunConfig, batch, renderer, job_topo, rows_topo, preemption) 
     summary = BatchSummary()
     if job_topo.is_main:
         summary.add_bad_rows(batch.bad)
-    mine = batch.jobs[job_topo.data_rank :: job_topo.data_size]
+    mine = group_rows(batch.jobs, job_topo)
     config = config_dict(cfg)
     for job in mine:
         key, job_config = job_state(config, job)

@@ -11,7 +11,6 @@ assembles and streams the frames into ffmpeg. Job/input contracts live in ``job.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -34,9 +33,11 @@ from avatar.pipeline.job import (
     to_uint8,
     with_steps,
 )
+from avatar.pipeline.publish import open_writer, publish, save_intermediates
 from avatar.pipeline.report import build_report, device_info, run_flops
 from avatar.pipeline.resume import Resume, job_state
 from avatar.pipeline.topology import Topology
+from avatar.pipeline.work import owned, segment_rounds
 from avatar.progress import format_seconds, progress
 
 log = logging.getLogger(__name__)
@@ -310,33 +311,13 @@ class Renderer:
                 "cache": sampling.cache,
                 **vars(cond),
             }
-            self._save_intermediates(job, saved)
+            save_intermediates(job, saved)
         key = job_state(config_dict(cfg), job)[0] if state is not None else None
         cached_steps = CachePlan.for_steps(sampling.steps, sampling.cache).reuse_steps
         resume = Resume(
             topo, state, key, strategy.name, preemption, cached_steps, sampling.steps, cfg.checkpoint_every, on_step
         )
-        from avatar.io.video import VideoWriter
-
-        writer = None
-        if topo.is_main:
-            from avatar.io.atomic import remove_stale_temps
-
-            for path in (job.output, job.output + ".json"):
-                for stale in remove_stale_temps(path):
-                    log.info("removed %s (left by a killed run)", stale)
-            writer = VideoWriter(
-                job.output,
-                FPS,
-                inputs.width,
-                inputs.height,
-                audio_path=job.audio,
-                crf=cfg.output.crf,
-                preset=cfg.output.preset,
-                replace=cfg.overwrite,
-            )
-            if frames is not None:
-                writer = _KeepFrames(writer, frames)
+        writer = open_writer(cfg, job, inputs, frames) if topo.is_main else None
         log.info(
             "denoising %d latent frames (%s, %d window(s) per step, %d steps, cache %s) for %s",
             strategy.domain,
@@ -378,24 +359,7 @@ class Renderer:
                     flops=run_flops(cfg, topo, strategy, stats, inputs, self.timer, self.decode_stats, self.vae),
                     memory=self.memory.as_dict(),
                 )
-                from avatar.io.atomic import atomic_write_json
-
-                # Done mark first, then the mp4, then its report: a kill before the mp4 leaves a done mark without
-                # its output, which a rerun renders again (done means done *and* the output exists); never an
-                # unrecognised mp4. The mp4 never replaces a file that appeared meanwhile (unless overwrite=true):
-                # ours then goes to the conflict sibling, with its report beside it.
-                if state is not None:
-                    state.mark_done(key, {"output": os.path.abspath(job.output), "seconds": report["seconds_total"]})
-                published = writer.commit()
-                if published != writer.path:
-                    from avatar.io.errors import OutputConflict
-
-                    conflict = OutputConflict(job.output, published)
-                    if state is not None:
-                        state.clear(key)
-                report_path = atomic_write_json(published + ".json", report, replace=cfg.overwrite)
-                if report_path != published + ".json":
-                    log.warning("%s.json appeared meanwhile and was kept; the report is at %s", published, report_path)
+                conflict = publish(cfg, job, writer, report, state, key)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -426,7 +390,7 @@ class Renderer:
         if cache is not None:
             cache.free()
         if saved is not None:
-            self._save_intermediates(job, {**saved, "latents": latents.cpu()})
+            save_intermediates(job, {**saved, "latents": latents.cpu()})
         log.info(
             "decode: %d latent frames to %d video frames on %d rank(s)",
             strategy.kept,
@@ -474,10 +438,10 @@ class Renderer:
         streamer = SegmentStreamer(job.output, inputs, segments, window, cfg, enabled=topo.is_main)
         finished = resume.finished_segments()
         ckpt_step, ckpt = resume.load_round()
-        num_rounds = -(-len(segments) // topo.data_size)
+        rounds = segment_rounds(len(segments), topo.data_size)
+        num_rounds = len(rounds)
         clock, rendered = time.perf_counter(), 0
-        for r in range(num_rounds):
-            indices = range(r * topo.data_size, min((r + 1) * topo.data_size, len(segments)))
+        for r, indices in enumerate(rounds):
             results = resume.load_segments([i for i in indices if i in finished])
             todo = [i for i in indices if i not in results]
             log.info(
@@ -492,13 +456,10 @@ class Renderer:
             if todo:
                 starts = {i: ckpt_step if i in ckpt else 0 for i in todo}
                 mine = {}
-                for i in todo:
-                    if topo.owns(i):
-                        start = segments[i].start
-                        resumed = ckpt.get(i)
-                        mine[i] = (
-                            resumed.to(self.device) if resumed is not None else noise[:, :, start : start + window]
-                        )
+                for i in owned(todo, topo):
+                    start = segments[i].start
+                    resumed = ckpt.get(i)
+                    mine[i] = resumed.to(self.device) if resumed is not None else noise[:, :, start : start + window]
                 caches = {i: dn.new_cache(sampling, window, host=self.placement.cache_on_host) for i in mine}
                 with self.timer("denoise"), self.dit.offload.onload(self.model):
                     for step in dn.steps_range(min(starts.values()), sampling.steps, topo):
@@ -542,29 +503,6 @@ class Renderer:
             for frames in distributed_decode_frames(self.vae, to_vae_space(self.vae, latents), self.topo, stats):
                 if self.topo.is_main:
                     yield to_uint8(frames)
-
-    # --- reports ------------------------------------------------------------------------------------------------------
-
-    def _save_intermediates(self, job: Job, tensors: dict) -> None:
-        """``<output>.intermediates.pt``: the noise and conditioning (before denoising), then also the final latents
-        (``shift``/``blend``); ``dn.load_intermediates`` + ``dn.denoise_window_strategy`` reproduce the run."""
-        from avatar.io.atomic import atomic_torch_save
-
-        atomic_torch_save(tensors, job.output + ".intermediates.pt")
-
-
-class _KeepFrames:
-    """A ``VideoWriter`` that also keeps every chunk written (``Renderer.render(frames=...)``)."""
-
-    def __init__(self, writer, frames: list) -> None:
-        self.writer, self.frames = writer, frames
-
-    def write(self, chunk) -> None:
-        self.writer.write(chunk)
-        self.frames.append(chunk if chunk.ndim == 4 else chunk[None])
-
-    def __getattr__(self, name):
-        return getattr(self.writer, name)
 
 
 __all__ = ["Job", "Inputs", "Renderer", "load_inputs", "config_dict", "InputError", "peak_host_memory_mb"]

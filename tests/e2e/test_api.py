@@ -50,3 +50,43 @@ def test_two_calls_on_models_loaded_once_give_the_cli_video(tiny_weights, one_se
     with pytest.raises(InputError, match=r"audio: samples must be float or int16"):
         pipe(image=EXAMPLES / "portrait.jpg", audio=(np.zeros((2, 2, 2)), 16000))
     pipe.close()
+
+
+#: Run in a fresh interpreter where ``launch`` cannot be imported at all (as if the package were not installed).
+WITHOUT_LAUNCH = """
+import importlib.abc, sys
+
+class NoLaunch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "launch" or name.startswith("launch."):
+            raise ModuleNotFoundError(f"No module named {name!r} (launch/ is removed in this test)")
+        return None
+
+sys.meta_path.insert(0, NoLaunch())
+weights, image, audio, out, seed, steps, *overrides = sys.argv[1:]
+from avatar import AvatarPipeline
+
+pipe = AvatarPipeline.from_pretrained(weights, model="tiny", overrides=overrides)
+pipe(image=image, audio=audio, seed=int(seed), steps=int(steps)).save(out)
+assert not any(m == "launch" or m.startswith("launch.") for m in sys.modules), "launch was imported"
+"""
+
+
+@pytest.mark.timeout(300)
+def test_the_pipeline_works_with_launch_removed(tiny_weights, one_second_clip, cli_reference, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.utils.video import read_frames
+
+    out = tmp_path / "no-launch.mp4"
+    overrides = [s for s in FRONTEND_SETTINGS if not s.startswith("model=")]
+    args = [tiny_weights, EXAMPLES / "portrait.jpg", one_second_clip, out, REFERENCE_SEED, REFERENCE_STEPS]
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_LAUNCH, *map(str, args), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    np.testing.assert_array_equal(read_frames(out), read_frames(cli_reference))

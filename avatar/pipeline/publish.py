@@ -1,0 +1,74 @@
+"""Publishing a job's files, on the group's rank 0: the video writer (stale temporaries of a killed run removed
+first), the order of the done mark, the mp4 and its report, the conflict sibling when the output appeared meanwhile,
+and the intermediates file. Nothing here decides what is rendered."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from avatar.config import FPS, RunConfig
+from avatar.io.atomic import atomic_torch_save, atomic_write_json, remove_stale_temps
+from avatar.io.errors import OutputConflict
+
+log = logging.getLogger("avatar.pipeline.run")
+
+
+def open_writer(cfg: RunConfig, job, inputs, frames: list | None = None):
+    """The ``VideoWriter`` of ``job.output`` (temporary until ``publish``); with ``frames`` it also keeps every chunk
+    written (the Python API's result)."""
+    from avatar.io.video import VideoWriter
+
+    for path in (job.output, job.output + ".json"):
+        for stale in remove_stale_temps(path):
+            log.info("removed %s (left by a killed run)", stale)
+    writer = VideoWriter(
+        job.output,
+        FPS,
+        inputs.width,
+        inputs.height,
+        audio_path=job.audio,
+        crf=cfg.output.crf,
+        preset=cfg.output.preset,
+        replace=cfg.overwrite,
+    )
+    return writer if frames is None else _KeepFrames(writer, frames)
+
+
+def publish(cfg: RunConfig, job, writer, report: dict, state=None, key: str | None = None) -> OutputConflict | None:
+    """Done mark first, then the mp4, then its report: a kill before the mp4 leaves a done mark without its output,
+    which a rerun renders again (done means done *and* the output exists); never an unrecognised mp4. The mp4 never
+    replaces a file that appeared meanwhile (unless overwrite=true): ours then goes to the conflict sibling, with its
+    report beside it, and the conflict is returned."""
+    conflict = None
+    if state is not None:
+        state.mark_done(key, {"output": os.path.abspath(job.output), "seconds": report["seconds_total"]})
+    published = writer.commit()
+    if published != writer.path:
+        conflict = OutputConflict(job.output, published)
+        if state is not None:
+            state.clear(key)
+    report_path = atomic_write_json(published + ".json", report, replace=cfg.overwrite)
+    if report_path != published + ".json":
+        log.warning("%s.json appeared meanwhile and was kept; the report is at %s", published, report_path)
+    return conflict
+
+
+def save_intermediates(job, tensors: dict) -> None:
+    """``<output>.intermediates.pt``: the noise and conditioning (before denoising), then also the final latents
+    (``shift``/``blend``); ``denoise.load_intermediates`` + ``denoise.denoise_window_strategy`` reproduce the run."""
+    atomic_torch_save(tensors, job.output + ".intermediates.pt")
+
+
+class _KeepFrames:
+    """A ``VideoWriter`` that also keeps every chunk written (``Renderer.render(frames=...)``)."""
+
+    def __init__(self, writer, frames: list) -> None:
+        self.writer, self.frames = writer, frames
+
+    def write(self, chunk) -> None:
+        self.writer.write(chunk)
+        self.frames.append(chunk if chunk.ndim == 4 else chunk[None])
+
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
