@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -170,8 +171,9 @@ def _env(box: Path) -> dict:
     return env
 
 
-def _run(block: Block, box: Path, env: dict) -> tuple[int | None, str, float]:
-    """Run one block in its own process group; returns (exit code or None on timeout, output, seconds). Whatever it
+def _run(block: Block, box: Path, env: dict) -> tuple[int | None, str, float, float]:
+    """Run one block in its own process group; returns (exit code or None on timeout, output, seconds, CPU seconds of
+    the processes that ended with it). Whatever it
     left running (a background server) is killed with the group."""
     scripts = box / ".readme"
     scripts.mkdir(exist_ok=True)
@@ -182,7 +184,7 @@ def _run(block: Block, box: Path, env: dict) -> tuple[int | None, str, float]:
         cmd, stdin = [shutil.which("python", path=env["PATH"]), "-"], script.open("rb")  # as typed at a prompt
     else:
         cmd, stdin = ["bash", "-e", str(script)], subprocess.DEVNULL
-    start = time.monotonic()
+    start, cpu = time.monotonic(), _children_cpu()
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, cwd=box, env=env, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -199,7 +201,13 @@ def _run(block: Block, box: Path, env: dict) -> tuple[int | None, str, float]:
             proc.wait()
             if stdin is not subprocess.DEVNULL:
                 stdin.close()
-    return code, log.read_text(errors="replace"), time.monotonic() - start
+    return code, log.read_text(errors="replace"), time.monotonic() - start, _children_cpu() - cpu
+
+
+def _children_cpu() -> float:
+    """CPU seconds of the waited-for children so far (a block's torchrun workers and servers included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _check_outputs(block: Block, box: Path) -> None:
@@ -218,7 +226,7 @@ def _check_outputs(block: Block, box: Path) -> None:
             f"{block.where()}: {folder}/batch_summary.json: {summary}"
         )
         for row in summary["done"]:
-            assert Path(row["output"]).is_file(), f"{block.where()}: {row['output']} is listed done but missing"
+            assert (box / row["output"]).is_file(), f"{block.where()}: {row['output']} is listed done but missing"
 
 
 @pytest.mark.timeout(1800)
@@ -228,8 +236,8 @@ def test_readme_commands_run_in_order(sandbox):
     runnable = [b for b in BLOCKS if b.lang in RUNNABLE and b.reason is None]
     times = []
     for block in runnable:
-        code, output, seconds = _run(block, sandbox, env)
-        times.append(f"{block.where()}: {seconds:.0f} s")
+        code, output, seconds, cpu = _run(block, sandbox, env)
+        times.append(f"{block.where()}: {seconds:.0f} s ({cpu:.0f} CPU s)")
         assert code is not None, f"{block.where()} did not finish in {BLOCK_TIMEOUT} s:\n{output[-6000:]}"
         assert code == 0, f"{block.where()} exited {code}:\n{block.code}\n--- output ---\n{output[-6000:]}"
         _check_outputs(block, sandbox)
