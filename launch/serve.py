@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from avatar.compose import compose
+from avatar.compose import compose, help_text, wants_help
 from avatar.config import RunConfig
 from avatar.io.errors import EXIT_BAD_INPUT, InputError
 from avatar.plan import ParallelPlan
@@ -33,6 +33,17 @@ log = logging.getLogger("launch.serve")
 #: The API key from the environment (when neither ``serve.api_key`` nor ``serve.api_key_file`` is given): not in
 #: ``ps``, and any UTF-8 text (the command-line grammar takes no ``=``, ``,`` or ``#`` in a value).
 API_KEY_ENV = "AVATAR_API_KEY"
+
+HELP = help_text(
+    "python -m launch.serve | torchrun --nproc_per_node=N -m launch.serve",
+    "Load the models once and render posted jobs over HTTP (the OpenAI video API's shape: POST /v1/videos, GET\n"
+    "/v1/videos/ID, /content, DELETE, /events, /report; docs/serve.md). Jobs live in serve.state_dir; the same\n"
+    "command continues the queue after a stop.",
+    [
+        "python -m launch.serve model=tiny weights=weights/tiny serve.port=8000",
+        "torchrun --nproc_per_node=8 -m launch.serve model=hunyuan_avatar serve.host=0.0.0.0 serve.api_key_file=key",
+    ],
+)
 
 #: Signals that stop the server (after the running job's next step boundary).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -121,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     from avatar.serve.app import bind
     from launch.dist import peek_rank
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        sys.stdout.write(HELP)
+        return 0
     setup_logging(peek_rank())
     try:
         cfg, plan = prepare(argv)

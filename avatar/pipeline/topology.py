@@ -1,7 +1,7 @@
 """Who does what: the pipeline's view of the parallel plan.
 
 ``Topology`` is built once from the ``ParallelPlan``'s device mesh (``ParallelMesh.topologies`` in
-``launch/plan.py``) and handed to every stage. It holds the process groups of the data and CFG axes and of the
+``avatar/plan.py``) and handed to every stage. It holds the process groups of the data and CFG axes and of the
 ranks rendering together, all taken from that one mesh, the mesh itself, the sequence-parallel boundary object for
 the model, and the few exchanges the pipeline needs. With one process every group is None and every exchange is the
 identity.

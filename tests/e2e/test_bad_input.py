@@ -357,7 +357,7 @@ def test_truncated_weights_file(capsys, tmp_path, tiny_weights, built):
 
 
 @pytest.mark.parametrize(
-    "module", ["launch.generate", "launch.config", "launch.plan", "launch.batch", "launch.weights"]
+    "module", ["launch.generate", "launch.config", "launch.plan", "launch.batch", "launch.weights", "launch.serve"]
 )
 def test_help_of_every_entry_point(capsys, module):
     import importlib
@@ -366,7 +366,7 @@ def test_help_of_every_entry_point(capsys, module):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "python -m" in text
-    if module in ("launch.generate", "launch.config", "launch.batch"):
+    if module in ("launch.generate", "launch.config", "launch.batch", "launch.serve"):
         assert "Config groups" in text and "model: hunyuan_avatar, tiny" in text and "prompt=TEXT" in text
 
 
