@@ -44,6 +44,15 @@ class Fidelity(StrEnum):
     fp32 = "fp32"
 
 
+class CacheMode(StrEnum):
+    """``sampling.cache``: ``official`` (the official deep cache on its fixed steps), ``adaptive`` (the runtime-adaptive
+    step cache of ``avatar/pipeline/adaptive.py``, instead of the deep cache) or ``off`` (every step a full forward)."""
+
+    official = "official"
+    adaptive = "adaptive"
+    off = "off"
+
+
 class Backend(StrEnum):
     native = "native"
     xfuser = "xfuser"
@@ -52,6 +61,7 @@ class Backend(StrEnum):
 class Kernel(StrEnum):
     sdpa = "sdpa"
     flash = "flash"
+    sage = "sage"
 
 
 class MemoryMode(StrEnum):
@@ -252,8 +262,16 @@ class SamplingConfig:
     """Negative prompt of the first phase."""
     prompt_prefix: str = "Authentic, Realistic, Natural, High-quality, Lens-Fixed, "
     """Prefix added to every prompt."""
-    cache: bool = True
-    """Reuse the input of the last single block on the official cached steps (official default: on)."""
+    cache: CacheMode = CacheMode.official
+    """``official``: reuse the input of the last single block on the official cached steps (20 of 50, the official
+    default); ``adaptive``: instead of that, skip a step's forward where the input changed little since the last full
+    step and reuse that step's output − input (EasyCache style, ``cache_threshold``/``cache_max_skip``); ``off``:
+    every step a full forward."""
+    cache_threshold: float = 0.1
+    """``cache=adaptive``: reuse while the estimated relative change of the output since the last full step (its
+    transformation rate × the relative change of the input) stays below this; 0: never reuse (equals ``off``)."""
+    cache_max_skip: int = 3
+    """``cache=adaptive``: at most this many reused steps in a row before a forced full step (≥ 1)."""
     fidelity: Fidelity = Fidelity.official
     """``official``: the official dtype roundings between steps; ``fp32``: exact float32 throughout."""
     reference_sample: bool = False
@@ -320,7 +338,8 @@ class AttentionConfig:
     backend: Backend = Backend.native
     """``native`` (our Ulysses/Ring on torch.distributed) or ``xfuser`` (optional, GPU, extra [xdit])."""
     kernel: Kernel = Kernel.sdpa
-    """Local kernel: ``sdpa`` (torch) or ``flash`` (flash-attn, when installed)."""
+    """Local kernel: ``sdpa`` (torch), ``flash`` (flash-attn, when installed) or ``sage`` (8-bit SageAttention for
+    the mask-free calls, CUDA and ``pip install avatar-launcher[sage]``; everything else stays on SDPA)."""
 
 
 @dataclass

@@ -415,6 +415,7 @@ class ParallelMesh:
         if plan.data == 1:
             return job, job
         video = self.video_mesh()
+        job.window_group = video.get_group()  # the ranks of one data group (one window's CFG and sequence ranks)
         rows = replace(
             job,
             rank=video.get_local_rank(),

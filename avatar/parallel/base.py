@@ -173,6 +173,11 @@ class LocalSequence:
         """Inverse of ``to_frame_slices``: ``[B, frames, ceil(F / W), C]`` → this rank's shard ``[B, S, C]``."""
         return x.flatten(1, 2)
 
+    def gather_frame_slices(self, x: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+        """Every rank's frame slices ``[B, frames, ceil(F / W), ...]`` → the whole frames ``[B, frames·F, ...]`` on
+        every rank (the adaptive step cache's reused steps; :func:`unshard_frames`)."""
+        return unshard_frames([x], tokens_per_frame)
+
     def joint_attention(
         self,
         img_q: torch.Tensor,

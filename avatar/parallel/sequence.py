@@ -82,6 +82,10 @@ class DistributedSequence(LocalSequence):
         full = unshard_frames(self._all_parts(x), tokens_per_frame)
         return shard_tokens(full, self.rank, self.world)
 
+    def gather_frame_slices(self, x: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+        """Every rank's frame slices → the whole frames on every rank (one gather)."""
+        return unshard_frames(self._all_parts(x), tokens_per_frame)
+
     # --- attention ---------------------------------------------------------------------------------------------------
 
     def _joint(self, img_q, img_k, img_v, txt_q, txt_k, txt_v, num_img: int):

@@ -39,6 +39,18 @@ from avatar.parallel import comm
 from avatar.pipeline import schedule as sched
 
 
+def cache_mode(value) -> str:
+    """``sampling.cache`` as ``"official"``, ``"adaptive"`` or ``"off"`` (``True``/``False``: the former boolean)."""
+    if isinstance(value, bool):
+        return "official" if value else "off"
+    return str(value)
+
+
+def uses_deep_cache(value) -> bool:
+    """Whether ``sampling.cache`` is the official deep cache."""
+    return cache_mode(value) == "official"
+
+
 @dataclass(frozen=True)
 class CachePlan:
     """Which steps write the cache and which reuse it (``sampling.cache`` off: none)."""
@@ -46,8 +58,9 @@ class CachePlan:
     reuse_steps: frozenset[int] = frozenset()
 
     @classmethod
-    def for_steps(cls, steps: int, enabled: bool) -> CachePlan:
-        return cls(sched.cached_steps(steps) if enabled else frozenset())
+    def for_steps(cls, steps: int, enabled) -> CachePlan:
+        """``enabled``: ``sampling.cache`` (only ``official``/True reuses on the official steps)."""
+        return cls(sched.cached_steps(steps) if uses_deep_cache(enabled) else frozenset())
 
     @property
     def write_steps(self) -> frozenset[int]:

@@ -1,7 +1,8 @@
 """The denoise stage: callable on its own with explicit noise and precomputed conditioning.
 
 One guided velocity (:class:`GuidedVelocity`: the two-phase CFG of dossier §4.3, one batch-of-one DiT forward per
-branch, the deep cache of ``avatar/pipeline/cache.py``, the official casts) and two loops over it:
+branch, the deep cache of ``avatar/pipeline/cache.py`` or the adaptive step cache of ``avatar/pipeline/adaptive.py``
+(``sampling.cache=official|adaptive|off``), the official casts) and two loops over it:
 
 - :func:`denoise_lockstep` (``shift``, ``blend``): every step evaluates all windows of the strategy, spread over the
   data-parallel groups, and averages their stepped latents in window order (``stitch.WindowAccumulator``), so the
@@ -27,7 +28,8 @@ from avatar.config import ModelConfig, SamplingConfig
 from avatar.models.transformer import NUM_MOTION_SCALARS
 from avatar.pipeline import schedule as sched
 from avatar.pipeline import strategies as strat
-from avatar.pipeline.cache import CachePlan, DeepCache
+from avatar.pipeline.adaptive import AdaptiveCache
+from avatar.pipeline.cache import CachePlan, DeepCache, cache_mode
 from avatar.pipeline.stitch import WindowAccumulator
 from avatar.pipeline.topology import Topology
 from avatar.progress import progress
@@ -71,16 +73,31 @@ class DenoiseStats:
     cached_window_calls: int = 0  # of which on the cached steps
     forwards: int = 0  # DiT forwards this rank ran (one per CFG branch it computes per window call it owns)
     cached_forwards: int = 0  # of which last-block-only forwards on cached input
+    reused_window_calls: int = 0  # cache=adaptive: window calls whose branches reused the last full step (no DiT)
+    reused_forwards: int = 0  # branch evaluations this rank reused instead of running (not in ``forwards``)
     cache: str = "off"
+    cache_threshold: float | None = None  # cache=adaptive: sampling.cache_threshold
+    cache_max_skip: int | None = None  # cache=adaptive: sampling.cache_max_skip
+    cache_windows: list[dict] = field(default_factory=list)  # cache=adaptive: full/reused window calls per window
     cache_bytes_per_rank: int = 0  # peak bytes of the deep-cache buffers on this rank
     cache_image_bytes_per_rank: int = 0  # of which image rows (frames × tokens per rank × width × bytes)
     resumed_from_step: int | None = None
     windows: list[dict] = field(default_factory=list)
 
-    def record_cache(self, cache: DeepCache | None) -> None:
+    def record_cache(self, cache: DeepCache | AdaptiveCache | None, windows: list[dict] | None = None) -> None:
+        """The peak bytes of ``cache``; for the adaptive cache also its full/reused window calls per window
+        (``windows``: every data group's, from ``AdaptiveCache.window_counts``; None: this rank's, appended)."""
         if cache is not None:
             self.cache_bytes_per_rank = max(self.cache_bytes_per_rank, cache.stats.peak_bytes)
             self.cache_image_bytes_per_rank = max(self.cache_image_bytes_per_rank, cache.stats.peak_image_bytes)
+        if isinstance(cache, AdaptiveCache):
+            self.cache_threshold, self.cache_max_skip = cache.threshold, cache.max_skip
+            counts = windows if windows is not None else cache.window_counts(None)
+            for entry in counts:
+                entry = dict(entry, window=len(self.cache_windows)) if windows is None else dict(entry)
+                entry["full_forwards"], entry["reused_forwards"] = 2 * entry["full"], 2 * entry["reused"]
+                self.cache_windows.append(entry)
+                self.reused_window_calls += entry["reused"]
 
 
 class GuidedVelocity:
@@ -124,7 +141,11 @@ class GuidedVelocity:
         c = self.cond
         phase = sched.cfg_phase(step, self.sampling)
         mask_scale = sched.face_mask_scale(step, self.sampling)
-        mode = cache.mode(step) if cache is not None else None
+        adaptive = isinstance(cache, AdaptiveCache)
+        mode = cache.mode(step) if cache is not None and not adaptive else None
+        if adaptive:
+            cache.bind(self.topo)
+        reuse = adaptive and cache.decide(step, window, frames, x)
         if self.official:  # the official face mask is fp16 and scaled in fp16
             face_mask = c.face_mask.half() * mask_scale if mask_scale != 1.0 else c.face_mask.half()
         else:
@@ -137,6 +158,9 @@ class GuidedVelocity:
         )
         outputs = []
         for b in self.branches:
+            if reuse:  # adaptive: this step's output from the last full step's transformation, no DiT
+                outputs.append(cache.reuse(b, window))
+                continue
             negative = b == 0 and phase == "joint"
             kwargs = dict(
                 common,
@@ -155,8 +179,11 @@ class GuidedVelocity:
                     cache.stage(b, window, frames, stored)
                 else:
                     out = self.model(**kwargs)
+            if adaptive:
+                cache.record(b, window, out)
             outputs.append(out)
-        self.stats.forwards += len(outputs)
+        self.stats.forwards += 0 if reuse else len(outputs)
+        self.stats.reused_forwards += len(outputs) if reuse else 0
         self.stats.cached_forwards += len(outputs) if mode == "reuse" else 0
         v = torch.cat(outputs)
         v = v.to(torch.bfloat16) if self.official else v.float()
@@ -172,9 +199,9 @@ class GuidedVelocity:
         return sched.euler_step(x, v, self.sigmas[step], self.sigmas[step + 1])
 
 
-def _count(stats: DenoiseStats, cache: DeepCache | None, step: int, windows: int) -> None:
+def _count(stats: DenoiseStats, cache: DeepCache | AdaptiveCache | None, step: int, windows: int) -> None:
     stats.window_calls += windows
-    if cache is not None and cache.mode(step) == "reuse":
+    if isinstance(cache, DeepCache) and cache.mode(step) == "reuse":
         stats.cached_window_calls += windows
 
 
@@ -212,7 +239,8 @@ def denoise_lockstep(
         _count(stats, cache, step, len(windows))
         if on_step is not None:
             on_step(step, x)
-    stats.record_cache(cache)
+    counts = cache.window_counts(topo.data_group) if isinstance(cache, AdaptiveCache) else None
+    stats.record_cache(cache, counts)
     return x
 
 
@@ -236,10 +264,14 @@ def denoise_segment_step(
     return acc.result()
 
 
-def new_cache(sampling: SamplingConfig, num_frames: int, host: bool = False) -> DeepCache | None:
-    """The deep cache over ``num_frames`` latents (its buffers in host memory with ``host``), or None with
-    ``sampling.cache=false``."""
-    if not sampling.cache:
+def new_cache(sampling: SamplingConfig, num_frames: int, host: bool = False) -> DeepCache | AdaptiveCache | None:
+    """The cache of ``sampling.cache`` over ``num_frames`` latents: the deep cache (``official``; its buffers in host
+    memory with ``host``), the adaptive step cache (``adaptive``; a few latent-sized rows, on the device) or None
+    (``off``)."""
+    mode = cache_mode(sampling.cache)
+    if mode == "adaptive":
+        return AdaptiveCache(sampling, num_frames)
+    if mode == "off":
         return None
     return DeepCache(CachePlan.for_steps(sampling.steps, True), num_frames, host=host)
 
@@ -253,7 +285,7 @@ def denoise_window_strategy(
     strategy: str,
     *,
     overlap: int = 0,
-    use_cache: bool | None = None,
+    use_cache: bool | str | None = None,
     topology: Topology | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:

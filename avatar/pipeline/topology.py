@@ -35,6 +35,9 @@ class Topology:
     group renders its own rows, and ``rank``/``world`` are this process's place in its group."""
     leader: int = 0
     """Global rank of the group's rank 0 (the one that encodes, writes files and saves checkpoints)."""
+    window_group: object = None
+    """Process group of the ranks that compute one window together (the CFG and sequence ranks of one data group);
+    None: ``group`` (one data group). The adaptive step cache agrees its per-window decisions over it."""
     mesh: object = None
     """The run's ``DeviceMesh`` over ("data", "cfg", "ring", "ulysses") the groups above come from (None with one
     process); after a batch's row topology is built it also has the flattened axis "video" (cfg × ring × ulysses,
@@ -101,6 +104,18 @@ class Topology:
         tensor = torch.tensor([value], dtype=torch.float64, device=comm.comm_device(self.group, self.device))
         comm.all_reduce(tensor, group=self.group, op=dist.ReduceOp.MAX)
         return float(tensor.item())
+
+    def all_reduce_window(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum ``values`` (a small float64 vector) over the ranks computing one window together (``window_group``):
+        one tiny all-reduce; returns the sums (on this tensor's device)."""
+        group = self.window_group if self.data_size > 1 else self.group
+        if not self.distributed or (self.data_size > 1 and group is None and self.world == self.data_size):
+            return values
+        if self.data_size > 1 and group is None:
+            raise ValueError("Topology.window_group is needed with data-parallel groups of several ranks")
+        wire = values.to(comm.comm_device(group, self.device))
+        comm.all_reduce(wire, group=group)
+        return wire.to(values.device)
 
     def owns(self, index: int) -> bool:
         """Data-parallel ownership of window/segment/row ``index`` (round-robin over the data groups)."""
