@@ -43,6 +43,7 @@ setup(
     extras_require={
         "dev": [r for r in requirements if r.split("==")[0] in dev],
         "xdit": ["xfuser==0.7.0", "yunchang==0.6.4"],
+        "sage": ["sageattention==1.0.6"],
     },
     entry_points={
         "console_scripts": [

@@ -101,6 +101,8 @@ def _positive(name: str, value, allow_zero: bool = False, allow_none: bool = Fal
 
 def check_config(cfg: RunConfig) -> None:
     """The rules between fields of the config (no files opened)."""
+    from avatar.attention.sage import check_kernel
+    from avatar.pipeline.adaptive import check_cache_settings
 
     check_seed(cfg.seed)
     check_steps(cfg.sampling.steps)
@@ -139,6 +141,8 @@ def check_config(cfg: RunConfig) -> None:
         if not torch.cuda.is_available():
             raise InputError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
     _check_fp8_compute(cfg)
+    check_kernel(cfg.attention.kernel, str(cfg.device))
+    check_cache_settings(s)
     if cfg.attention.kernel == "flash" and importlib.util.find_spec("flash_attn") is None:
         raise InputError(
             "attention.kernel=flash needs the flash-attn package; install it or use attention.kernel=sdpa"

@@ -1,7 +1,9 @@
 """The attention facade: every attention in the project goes through ``attention()``.
 
-Local kernels: ``sdpa`` (torch scaled_dot_product_attention, the default and the reference) and ``flash``
-(FlashAttention-3 ``flash_attn_interface`` when installed, else flash-attn 2; ``avatar/attention/flash.py``).
+Local kernels: ``sdpa`` (torch scaled_dot_product_attention, the default and the reference), ``flash``
+(FlashAttention-3 ``flash_attn_interface`` when installed, else flash-attn 2; ``avatar/attention/flash.py``) and
+``sage`` (8-bit SageAttention for the mask-free fp16/bf16 calls, the rest on SDPA; ``avatar/attention/sage.py``,
+whose ``check_kernel`` the validation calls).
 Sequence-parallel backends (Ulysses, Ring, xfuser) live in ``avatar/parallel`` and call back into this facade for
 their local blocks.
 
@@ -34,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("sdpa", "flash")
+KERNELS = ("sdpa", "flash", "sage")
 
 #: The CUDA SDPA backends in the order tried (see the module docstring for why).
 CUDA_SDPA_ORDER = (
@@ -63,6 +65,11 @@ def attention(
         from avatar.attention.flash import flash_attention
 
         return flash_attention(q, k, v, key_mask=key_mask, scale=scale)
+    if kernel == "sage":
+        from avatar.attention import sage
+
+        if sage.accepts(q, key_mask):
+            return sage.sage_attention(q, k, v, scale=scale)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if q.device.type == "cuda":

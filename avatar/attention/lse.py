@@ -26,6 +26,8 @@ def attention_with_lse(
     kernel: str = "sdpa",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with its fp32 log-sum-exp (see the module docstring for shapes)."""
+    if kernel == "sage":  # SageAttention returns no log-sum-exp: these blocks run on SDPA
+        kernel = "sdpa"
     if kernel not in KERNELS:
         raise ValueError(f"attention.kernel={kernel!r} is not one of {KERNELS}")
     if key_mask is not None and q.device.type == "cpu" and bool(key_mask.all()):

@@ -186,6 +186,19 @@ def _rate(flops: float, seconds: float | None, gpus: int, peak: float | None) ->
     return out
 
 
+def dit_forwards(window_calls: int, cached_window_calls: int = 0, reused_window_calls: int = 0) -> tuple[int, int]:
+    """``(full, cached)`` DiT forwards of a run (two CFG branches per window call): the deep cache's cached calls run
+    the last block only, the adaptive cache's reused calls run nothing."""
+    full = window_calls - cached_window_calls - reused_window_calls
+    return 2 * full, 2 * cached_window_calls
+
+
+def run_dit_flops(per_forward: dict[str, int], window_calls: int, cached: int = 0, reused: int = 0) -> int:
+    """DiT FLOPs of a run from ``dit_forward_flops``'s per-forward counts and its window calls."""
+    full_forwards, cached_forwards = dit_forwards(window_calls, cached, reused)
+    return full_forwards * per_forward["full"] + cached_forwards * per_forward["cached"]
+
+
 def flop_section(
     cfg,
     *,
@@ -193,6 +206,7 @@ def flop_section(
     grid_tokens: tuple[int, int],
     window_calls: int,
     cached_window_calls: int,
+    reused_window_calls: int = 0,
     encoder_flops: dict[str, int],
     decode_plans: list,
     vae_config: dict,
@@ -206,13 +220,13 @@ def flop_section(
 ) -> dict:
     """The run report's ``flops`` section: FLOPs per stage for the whole run (all ranks), with TFLOP/s per GPU and
     MFU per stage on a GPU. ``window_calls``/``cached_window_calls``: guided evaluations of a window (two CFG branches
-    each, every data group together); ``decode_plans``: the ``DecodePlan`` of every decode."""
+    each, every data group together); ``reused_window_calls``: those the adaptive step cache answered without the DiT
+    (no DiT FLOPs); ``decode_plans``: the ``DecodePlan`` of every decode."""
     cache = MeasureCache(default_cache_dir() if cache_dir is None else cache_dir)
     per_forward = dit_forward_flops(
         cfg.model, window_latents, grid_tokens, cfg.model.text_len, dtype=dit_dtype, cache=cache
     )
-    full_forwards = 2 * (window_calls - cached_window_calls)
-    cached_forwards = 2 * cached_window_calls
+    full_forwards, cached_forwards = dit_forwards(window_calls, cached_window_calls, reused_window_calls)
     dit_total = full_forwards * per_forward["full"] + cached_forwards * per_forward["cached"]
     decode = sum(vae_decode_flops(vae_config, plan, dtype=vae_dtype, cache=cache) for plan in decode_plans)
     encoders = sum(encoder_flops.values())
@@ -224,6 +238,7 @@ def flop_section(
             "cached_step_forward": per_forward["cached"],
             "full_forwards": full_forwards,
             "cached_forwards": cached_forwards,
+            "reused_forwards": 2 * reused_window_calls,
             "window": {"latent_frames": window_latents, "tokens_per_frame": grid_tokens[0] * grid_tokens[1]},
         },
         "decode": {"flops": decode, "pieces": sum(len(p) for plan in decode_plans for p in plan.pieces)},

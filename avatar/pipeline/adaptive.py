@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from avatar.io.errors import InputError
 from avatar.parallel import comm
 from avatar.parallel.base import shard_frames, unshard_frames
 from avatar.pipeline.cache import CacheStats
@@ -48,6 +49,21 @@ WARMUP_TENTHS = 1
 MIN_WARMUP = 2
 #: Entries of the per-window all-reduce: input change, |v_j| per branch, pending k numerator per branch, denominator.
 _DX, _NORM, _NUM, _DEN, _SIZE = 0, 1, 3, 5, 6
+
+
+def check_cache_settings(sampling) -> None:
+    """One-line ``InputError`` (exit 2) for ``sampling.cache_threshold``/``cache_max_skip`` values that cannot work."""
+    threshold, max_skip = sampling.cache_threshold, sampling.cache_max_skip
+    number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if not number or not math.isfinite(threshold) or threshold < 0:
+        raise InputError(
+            f"sampling.cache_threshold={threshold!r} is invalid; give a number ≥ 0 (0: never reuse; sampling=fast "
+            "uses 0.1)"
+        )
+    if isinstance(max_skip, bool) or not isinstance(max_skip, int) or max_skip < 1:
+        raise InputError(
+            f"sampling.cache_max_skip={max_skip!r} is invalid; give an integer ≥ 1 (reused steps in a row at most)"
+        )
 
 
 def warmup_steps(steps: int) -> int:

@@ -109,6 +109,7 @@ def run_flops(cfg, topo, strategy, stats, inputs: Inputs, timer, decode_stats, v
             grid_tokens=(h_lat // ph, w_lat // pw),
             window_calls=stats.window_calls,
             cached_window_calls=stats.cached_window_calls,
+            reused_window_calls=stats.reused_window_calls,
             encoder_flops=dict(timer.flops),
             decode_plans=decode_stats.plans,
             vae_config=dict(vae.config),

@@ -4,8 +4,11 @@ A job's state lives in a ``StateStore`` under a key hashed from its input files 
 video (not the output path, the plan or the attention backend: the same latents come out on any GPU count). The
 group's rank 0 reads and writes the store; what it reads is broadcast, so every rank resumes from the same latents.
 
-Checkpoints are taken at step boundaries whose next step does not reuse the sampler cache (the cache lives only in
-memory), every ``checkpoint_every`` steps and when a preemption is requested. A preemption request is agreed on by all
+Checkpoints are taken at step boundaries whose next step does not reuse the official deep cache (that cache lives
+only in memory), every ``checkpoint_every`` steps and when a preemption is requested. The adaptive step cache
+(``sampling.cache=adaptive``, ``avatar/pipeline/adaptive.py``) is small: its whole state goes into the checkpoint
+(``attach``), so any step boundary is exact; a ``segments`` round with it is not checkpointed mid-round (a stop
+there resumes the round from its start, finished segments kept), which is exact too. A preemption request is agreed on by all
 ranks of the group at each step boundary (one tiny all-reduce), so all of them stop after the same step.
 """
 
@@ -53,6 +56,10 @@ class Resume:
         self.total = total_steps
         self.every = every
         self.resumed_from: int | None = None
+        self.adaptive = False
+        """``sampling.cache=adaptive``: the cache state rides in the checkpoints (``attach``)."""
+        self._cache = None
+        self._loaded_cache: tuple[dict, dict] | None = None
         self._stop = False
         self.discard = False  # the agreed stop is a cancel: nothing is saved
         self._on_step = on_step if topo.is_main else None
@@ -99,7 +106,27 @@ class Resume:
             return 0, None
         self.resumed_from = step
         log.info("resuming from the checkpoint after step %d", step)
+        cache_tensors = {k: v for k, v in tensors.items() if k.startswith("adaptive.")}
+        if cache_tensors:
+            self._loaded_cache = (cache_tensors, meta.get("adaptive", {}))
         return step, latents.to(self.topo.device)
+
+    def attach(self, cache) -> None:
+        """The render's cache: an adaptive step cache gets the state of the checkpoint just loaded and is saved with
+        every later checkpoint (the deep cache and None: nothing to do)."""
+        from avatar.pipeline.adaptive import AdaptiveCache
+
+        if not isinstance(cache, AdaptiveCache):
+            return
+        cache.bind(self.topo)
+        self._cache = cache
+        if self._loaded_cache is not None:
+            cache.restore(*self._loaded_cache)
+            self._loaded_cache = None
+        elif self.resumed_from is not None:
+            log.warning(
+                "the checkpoint holds no adaptive cache state; the cache starts empty after step %d", self.resumed_from
+            )
 
     def on_step(self, step: int, latents: torch.Tensor) -> None:
         done = step + 1
@@ -109,8 +136,13 @@ class Resume:
             raise Preempted(done)
         if not self._checkpoint_due(done, stop):
             return
+        tensors, meta = {"latents": latents}, {"strategy": self.strategy}
+        if self._cache is not None and self.state is not None:  # a collective: every rank of the group takes part
+            cache_tensors, cache_meta = self._cache.snapshot()
+            tensors.update(cache_tensors)
+            meta["adaptive"] = cache_meta
         if self.state is not None and self.topo.is_main:
-            self.state.save_checkpoint(self.key, done, {"latents": latents}, {"strategy": self.strategy})
+            self.state.save_checkpoint(self.key, done, tensors, meta)
         if stop:
             raise Preempted(done)
 
@@ -153,6 +185,10 @@ class Resume:
         stop = self.stop_requested()
         if stop and self.discard:
             raise Preempted(done)
+        if self.adaptive:  # no mid-round checkpoint: the round restarts from its noise (exact)
+            if stop:
+                raise Preempted(done)
+            return
         if not self._checkpoint_due(done, stop):
             return
         gathered = self.topo.all_gather_data(mine)

@@ -21,7 +21,7 @@ from avatar.io.errors import InputError
 from avatar.parallel import comm
 from avatar.pipeline import denoise as dn
 from avatar.pipeline import strategies as strat
-from avatar.pipeline.cache import CachePlan
+from avatar.pipeline.cache import CachePlan, cache_mode, uses_deep_cache
 from avatar.pipeline.job import (
     Inputs,
     Job,
@@ -75,7 +75,7 @@ def preflight(cfg: RunConfig, topo: Topology, geometry=None):
             cfg.model,
             geometry,
             free,
-            deep_cache=cfg.sampling.cache,
+            deep_cache=uses_deep_cache(cfg.sampling.cache),
             auto_segments_seconds=cfg.long.auto_segments_seconds,
             overlap=cfg.long.overlap_frames or None,
             weights_dir=cfg.weights,
@@ -296,7 +296,7 @@ class Renderer:
             num_latents=strategy.kept,
             infer_length=strategy.domain,
             windows_per_step=strategy.windows_per_step,
-            cache="on" if sampling.cache else "off",
+            cache=cache_mode(sampling.cache),
         )
         cond_dev = cond.to(self.device)
         velocity = dn.GuidedVelocity(self.model, cond_dev, sampling, topo, self.dtype, stats)
@@ -308,7 +308,7 @@ class Renderer:
                 "seed": job.seed,
                 "strategy": strategy.name,
                 "overlap": strategy.overlap,
-                "cache": sampling.cache,
+                "cache": cache_mode(sampling.cache),
                 **vars(cond),
             }
             save_intermediates(job, saved)
@@ -317,6 +317,7 @@ class Renderer:
         resume = Resume(
             topo, state, key, strategy.name, preemption, cached_steps, sampling.steps, cfg.checkpoint_every, on_step
         )
+        resume.adaptive = cache_mode(sampling.cache) == "adaptive"
         writer = open_writer(cfg, job, inputs, frames) if topo.is_main else None
         log.info(
             "denoising %d latent frames (%s, %d window(s) per step, %d steps, cache %s) for %s",
@@ -383,6 +384,7 @@ class Renderer:
             return self._render_segments(job, strategy, noise, velocity, writer, inputs, resume)
         start_step, latents = resume.load(noise.shape)
         cache = dn.new_cache(velocity.sampling, strategy.domain, host=self.placement.cache_on_host)
+        resume.attach(cache)  # cache=adaptive: its state goes into (and comes back from) the step checkpoints
         with self.timer("denoise"), self.dit.offload.onload(self.model):
             latents = dn.denoise_lockstep(
                 strategy, velocity, noise, cache, on_step=resume.on_step, start_step=start_step, latents=latents
