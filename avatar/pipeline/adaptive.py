@@ -81,6 +81,8 @@ class WindowState:
     """Reused steps in a row so far."""
     full: int = 0
     reused: int = 0
+    pattern: str = ""
+    """One letter per step this process decided: ``F`` full, ``R`` reused (the report's per-window schedule)."""
     pending: list = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """This rank's part of ``k``'s numerator per branch and of its denominator, from the last full step; summed by
     the next decision's all-reduce."""
@@ -189,6 +191,7 @@ class AdaptiveCache:
                 state.rate[b] * sums[_DX] / sums[_NORM + b] if sums[_NORM + b] > 0 else math.inf for b in (0, 1)
             )
             reuse = estimate < self.threshold
+        state.pattern += "R" if reuse else "F"
         if reuse:
             state.skips += 1
             state.reused += 1
@@ -252,11 +255,13 @@ class AdaptiveCache:
 
     def window_counts(self, data_group=None) -> list[dict]:
         """Full and reused window calls per window (every data group's windows; a collective over ``data_group``)."""
-        mine = {w: (s.full, s.reused) for w, s in self.windows.items()}
-        merged: dict[int, tuple[int, int]] = {}
+        mine = {w: (s.full, s.reused, s.pattern) for w, s in self.windows.items()}
+        merged: dict[int, tuple[int, int, str]] = {}
         for part in comm.all_gather_object(mine, data_group):
             merged.update(part)
-        return [{"window": w, "full": merged[w][0], "reused": merged[w][1]} for w in sorted(merged)]
+        return [
+            {"window": w, "full": merged[w][0], "reused": merged[w][1], "steps": merged[w][2]} for w in sorted(merged)
+        ]
 
     def free(self) -> None:
         self.x_rows, self.out_rows, self.staged, self._current = None, {}, {}, {}
@@ -308,7 +313,8 @@ class AdaptiveCache:
         return tensors, meta
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Load a ``snapshot`` (every rank gets the whole of it and keeps its slices and branches)."""
+        """Load a ``snapshot`` (every rank gets the whole of it and keeps its slices and branches). The counts start
+        again from 0, as the report's window calls of a resumed run do."""
         device = self.topo.device
         self.valid = [bool(v) for v in tensors["adaptive.valid"].tolist()]
         if len(self.valid) != self.num_frames:
@@ -328,8 +334,6 @@ class AdaptiveCache:
             self.windows[int(w)] = WindowState(
                 rate=list(s["rate"]),
                 skips=int(s["skips"]),
-                full=int(s["full"]),
-                reused=int(s["reused"]),
                 pending=[float(p) for p in s["pending"]],
                 has_pending=bool(s["has_pending"]),
                 whole=bool(s["has_pending"]),
