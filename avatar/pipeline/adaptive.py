@@ -287,8 +287,8 @@ class AdaptiveCache:
             "data": topo.data_rank,
             "cfg": topo.cfg_rank,
             "seq": self.seq.rank,
-            "x": None if self.x_rows is None else self.x_rows.cpu(),
-            "out": {b: t.cpu() for b, t in self.out_rows.items()},
+            "x": None if self.x_rows is None else self.x_rows.cpu().clone(),  # copies: the live rows change on
+            "out": {b: t.cpu().clone() for b, t in self.out_rows.items()},
             "windows": {w: s.as_dict() for w, s in self.windows.items()} if self.seq.rank == 0 and self._lead else {},
         }
         pieces = topo.gather_to_main(piece)
