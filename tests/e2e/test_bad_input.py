@@ -213,6 +213,10 @@ BAD_CONFIG = [
     (["sampling.stepz=3"], ["did you mean sampling.steps"]),
     (["promt=hello"], ["did you mean prompt"]),
     (["attention.kernel=flash"], ["flash-attn"]),
+    (["sampling.cache=maybe"], ["maybe", "official", "adaptive", "off"]),
+    (["sampling.cache_threshold=-1"], ["sampling.cache_threshold=-1", "≥ 0"]),
+    (["sampling=fast", "sampling.cache_max_skip=0"], ["sampling.cache_max_skip=0", "≥ 1"]),
+    (["sampling=quick"], ["quick", "fast", "official"]),
     (["model.adapter_after_double=[7]"], ["adapter_after_double", "[7]"]),
     (["audio.context_seconds=20"], ["audio.context_seconds"]),
     (["output_dir=somewhere"], ["output_dir", "batch"]),
@@ -229,6 +233,14 @@ def test_bad_config_values(capsys, tmp_path, tiny_weights, built, extra, expect)
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here")
 def test_device_cuda_without_cuda(capsys, tmp_path, tiny_weights, built):
     _one_line(capsys, tiny_args(tiny_weights, tmp_path / "o.mp4") + ["device=cuda"], ["device=cuda"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here")
+def test_sage_kernel_without_cuda(capsys, tmp_path, tiny_weights, built):
+    out = tmp_path / "o.mp4"
+    _one_line(
+        capsys, tiny_args(tiny_weights, out) + ["attention.kernel=sage"], ["attention.kernel=sage", "CUDA"], [out]
+    )
 
 
 @pytest.mark.timeout(15)

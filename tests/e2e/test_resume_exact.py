@@ -95,7 +95,7 @@ def test_kills_and_terms_at_six_steps_then_rerun_give_the_uninterrupted_video(ti
     result = generate(*_args(tiny_weights, clip, whole), timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(whole.with_name("whole.mp4.json").read_text())
-    assert report["denoise"]["cache"] == "on" and report["denoise"]["cached_window_calls"] == 20 * 2
+    assert report["denoise"]["cache"] == "official" and report["denoise"]["cached_window_calls"] == 20 * 2
 
     out = tmp_path / "interrupted.mp4"
     args = _args(tiny_weights, clip, out)
