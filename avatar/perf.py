@@ -182,3 +182,94 @@ def forward_host_syncs(
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     return None
+
+
+# --- quality of a faster preset against the official one ------------------------------------------------------------
+
+
+def psnr(frames, reference) -> float:
+    """PSNR in dB of uint8 frames ``[n, H, W, 3]`` against ``reference`` (inf when equal)."""
+    import numpy as np
+
+    a = np.asarray(frames, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"frames {a.shape} and reference {b.shape} differ in shape")
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
+
+
+def ssim(frames, reference) -> float:
+    """Mean SSIM (luma, 11×11 Gaussian window of σ 1.5, the usual constants) of uint8 frames ``[n, H, W, 3]``."""
+    import numpy as np
+
+    def luma(x):
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+        return (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[:, None]  # [n, 1, H, W]
+
+    a, b = luma(frames), luma(reference)
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :])[None, None]
+
+    def blur(x):
+        return torch.nn.functional.conv2d(x, window)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(score.mean())
+
+
+def compare_presets(
+    weights, model: str, image, audio, presets: dict[str, list[str]], *, reference: str, overrides=(), seed: int = 0
+) -> list[dict]:
+    """Render one clip under each preset (``name -> sampling overrides``, e.g. ``["sampling=fast"]``) with the models
+    loaded once (``AvatarPipeline``), and measure each against ``reference``'s frames: wall seconds, window calls,
+    DiT forwards run and reused, FLOPs of the run (``avatar.memory.flops``), PSNR and SSIM. Used by
+    ``bench/cache_bench.py`` and the GPU quality script (``tests/gpu/quality.sh``)."""
+    from avatar.api import AvatarPipeline
+    from avatar.compose import compose
+
+    pipe = AvatarPipeline.from_pretrained(weights, model=model, overrides=list(overrides))
+    rows, frames = [], {}
+    for name, extra in presets.items():
+        # The same loaded models: only the sampling settings change between renders.
+        pipe.cfg.sampling = compose([f"model={model}", f"weights={weights}", *overrides, *extra]).sampling
+        start = time.perf_counter()
+        result = pipe(image=image, audio=audio, seed=seed)
+        seconds = time.perf_counter() - start
+        denoise, flops = result.report["denoise"], result.report.get("flops", {})
+        frames[name] = result.frames
+        rows.append(
+            {
+                "preset": name,
+                "cache": denoise["cache"],
+                "threshold": denoise.get("cache_threshold"),
+                "steps": result.report["steps"],
+                "window_calls": denoise["window_calls"],
+                "forwards": denoise["forwards"],
+                "cached_forwards": denoise["cached_forwards"],
+                "reused_forwards": denoise.get("reused_forwards", 0),
+                "dit_flops": flops.get("stages", {}).get("dit", {}).get("flops"),
+                "total_flops": flops.get("total"),
+                "seconds": seconds,
+                "denoise_seconds": result.report["timings_seconds"].get("denoise"),
+                "schedule": [w.get("steps") for w in denoise.get("cache_windows", [])],
+            }
+        )
+    for row in rows:
+        row["psnr"] = psnr(frames[row["preset"]], frames[reference])
+        row["ssim"] = ssim(frames[row["preset"]], frames[reference])
+    pipe.close()
+    return rows
+
+
+def ratio(rows: list[dict], name: str, against: str, key: str) -> float:
+    """``rows[name][key] / rows[against][key]``."""
+    by = {row["preset"]: row for row in rows}
+    return by[name][key] / by[against][key]
