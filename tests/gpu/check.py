@@ -7,7 +7,9 @@
    attention kernels it ran;
 3. the peak GPU memory of that forward against the memory model's prediction
    (``avatar.memory.measure.dit_activation_bytes`` + weights + inputs);
-4. fp8 compute and compile parity and the host syncs of a warm forward (``avatar.perf.fp8_compute_parity`` /
+4. ``attention.kernel=sage`` (where ``sageattention`` is installed): its error against SDPA and its speed-up at the
+   real token count;
+5. fp8 compute and compile parity and the host syncs of a warm forward (``avatar.perf.fp8_compute_parity`` /
    ``compile_parity`` / ``forward_host_syncs`` where this checkout has them).
 
 Every section is guarded: a missing piece or a failure is recorded and the others still run. Results go to stdout
@@ -268,8 +270,48 @@ def check_syncs(result: dict) -> None:
         raise AssertionError(f"the forward synchronises with the host: {first}")
 
 
+def check_sage(result: dict) -> None:
+    """``attention.kernel=sage``: the facade's SageAttention call against SDPA at the real token count and head
+    layout (bf16): relative error, cosine similarity, time and speed-up. Skipped where the package is missing."""
+    import importlib.util
+
+    from avatar.attention import attention
+    from avatar.attention.sage import check_kernel
+
+    if importlib.util.find_spec("sageattention") is None:
+        raise ImportError("sageattention is not installed (pip install avatar-launcher[sage])")
+    check_kernel("sage", "cuda")
+    cfg, latent_frames, grid = real_shape()
+    tokens = (latent_frames + 1) * grid[0] * grid[1] + cfg.text_len
+    head_dim = cfg.hidden_size // cfg.num_heads
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (
+        torch.randn(1, tokens, cfg.num_heads, head_dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
+        for _ in range(3)
+    )
+    reference = attention(q, k, v, kernel="sdpa").float()
+    got = attention(q, k, v, kernel="sage").float()
+    out = {
+        "tokens": tokens,
+        "relative_error": float((got - reference).norm() / reference.norm()),
+        "max_abs_error": float((got - reference).abs().max()),
+        "cosine": float(torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0)),
+        "sdpa_seconds": _timed(lambda: attention(q, k, v, kernel="sdpa")),
+        "sage_seconds": _timed(lambda: attention(q, k, v, kernel="sage")),
+    }
+    out["speedup"] = out["sdpa_seconds"] / out["sage_seconds"]
+    result["sage"] = out
+    log(
+        f"sage: {tokens} tokens, relative error {out['relative_error']:.2e} (cosine {out['cosine']:.6f}) against "
+        f"SDPA; {out['sage_seconds'] * 1e3:.1f} ms vs {out['sdpa_seconds'] * 1e3:.1f} ms ({out['speedup']:.2f}×)"
+    )
+    if not out["cosine"] > 0.99:
+        raise AssertionError(f"SageAttention differs from SDPA: cosine {out['cosine']:.4f}")
+
+
 CHECKS = {
     "attention": check_attention,
+    "sage": check_sage,
     "forward": check_forward,
     "fp8": check_fp8,
     "compile": check_compile,

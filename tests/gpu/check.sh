@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check (docs/performance.md): attention backend, a full-width 2 + 2 block forward at the real token count
-# (time, TFLOP/s, MFU), peak memory against the memory model, fp8 compute and compile parity, host syncs. One GPU,
+# (time, TFLOP/s, MFU), peak memory against the memory model, SageAttention against SDPA (attention.kernel=sage,
+# where installed), fp8 compute and compile parity, host syncs. One GPU,
 # under 8 minutes.
 #
 #   tests/gpu/check.sh                 # all checks; OUT=DIR also writes DIR/gpu_check.json and DIR/gpu_check.md
-#   tests/gpu/check.sh forward fp8     # some of: attention forward fp8 compile syncs
+#   tests/gpu/check.sh forward fp8     # some of: attention sage forward fp8 compile syncs
 #
 # Without a GPU it prints why and exits 0. Uses .venv (made by `make install` when missing) or $PYTHON.
 set -euo pipefail
