@@ -34,3 +34,18 @@ def test_check_runs_on_a_gpu(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["forward"]["tflops_full"] > 0 and report["attention"]["facade_backend"] != "unknown"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the skip path is for machines without a GPU")
+def test_quality_script_skips_cleanly_without_a_gpu(tmp_path):
+    result = subprocess.run(
+        [str(SCRIPT.with_name("quality.sh"))],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "gpu quality: skipped" in result.stdout
+    assert list(tmp_path.iterdir()) == []
