@@ -16,10 +16,63 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def compare_presets(
+    weights, model: str, image, audio, presets: dict[str, list[str]], *, reference: str, overrides=(), seed: int = 0
+) -> list[dict]:
+    """Render one clip under each preset (``name -> sampling overrides``, e.g. ``["sampling=fast"]``) with the models
+    loaded once (``AvatarPipeline``), and measure each against ``reference``'s frames: wall seconds, window calls,
+    DiT forwards run and reused, FLOPs of the run (``avatar.memory.flops``), PSNR and SSIM. Used by
+    this bench and the GPU quality script (``tests/gpu/quality.sh``)."""
+    from avatar.api import AvatarPipeline
+    from avatar.compose import compose
+    from avatar.perf import psnr, ssim
+
+    pipe = AvatarPipeline.from_pretrained(weights, model=model, overrides=list(overrides))
+    rows, frames = [], {}
+    for name, extra in presets.items():
+        # The same loaded models: only the sampling settings change between renders.
+        pipe.cfg.sampling = compose([f"model={model}", f"weights={weights}", *overrides, *extra]).sampling
+        start = time.perf_counter()
+        result = pipe(image=image, audio=audio, seed=seed)
+        seconds = time.perf_counter() - start
+        denoise, flops = result.report["denoise"], result.report.get("flops", {})
+        frames[name] = result.frames
+        rows.append(
+            {
+                "preset": name,
+                "cache": denoise["cache"],
+                "threshold": denoise.get("cache_threshold"),
+                "steps": result.report["steps"],
+                "window_calls": denoise["window_calls"],
+                "forwards": denoise["forwards"],
+                "cached_forwards": denoise["cached_forwards"],
+                "reused_forwards": denoise.get("reused_forwards", 0),
+                "dit_flops": flops.get("stages", {}).get("dit", {}).get("flops"),
+                "total_flops": flops.get("total"),
+                "seconds": seconds,
+                "denoise_seconds": result.report["timings_seconds"].get("denoise"),
+                "schedule": [w.get("steps") for w in denoise.get("cache_windows", [])],
+            }
+        )
+    for row in rows:
+        row["psnr"] = psnr(frames[row["preset"]], frames[reference])
+        row["ssim"] = ssim(frames[row["preset"]], frames[reference])
+    pipe.close()
+    return rows
+
+
+def ratio(rows: list[dict], name: str, against: str, key: str) -> float:
+    """``rows[name][key] / rows[against][key]``."""
+    by = {row["preset"]: row for row in rows}
+    return by[name][key] / by[against][key]
+
 
 PRESETS = {
     "official": ["sampling=official"],
@@ -56,8 +109,6 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every preset")
     args = parser.parse_args()
-
-    from avatar.perf import compare_presets, ratio
 
     overrides = [f"model.image_size={args.size}", f"device={args.device}", *args.overrides]
     presets = {name: [*extra, *args.overrides] for name, extra in PRESETS.items()}

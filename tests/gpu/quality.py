@@ -37,9 +37,7 @@ def main(argv: list[str]) -> int:
         print(f"gpu quality: no official weights at {weights} (set WEIGHTS=DIR): the tiny model on the GPU instead")
         weights, model = str(ROOT / "weights" / "tiny"), "tiny"
     sys.path.insert(0, str(ROOT / "bench"))
-    from cache_bench import table
-
-    from avatar.perf import compare_presets, ratio
+    from cache_bench import compare_presets, ratio, table
 
     overrides = [f"model.image_size={SIZE}", "device=cuda", *argv]
     presets = {name: [*extra, *argv] for name, extra in PRESETS.items()}
