@@ -2,8 +2,14 @@
 
 Two formats:
 
-- the official CSV (``videoid,image,audio,prompt,fps``, usually with a UTF-8 byte-order mark);
-- JSON Lines, one object per line with the same fields plus optional per-row ``seed``, ``steps`` and ``strategy``.
+- the official CSV (``videoid,image,audio,prompt,fps``, usually with a UTF-8 byte-order mark), optionally with the
+  per-row columns ``seed``, ``steps`` and ``strategy`` (an empty cell keeps the command's value);
+- JSON Lines, one object per line with the same fields and per-row keys.
+
+Both are strict about names: a CSV header with a column that is not one of those (or one named twice) refuses the
+manifest, and a JSON key that is not one of them refuses the row, naming the unknown names and the valid ones, so a
+misspelt or unsupported setting is never silently dropped. JSON ``null`` is refused for every key (leave the key out
+for its default); strings must be strings.
 
 Each line is parsed on its own, so one bad line never swallows the next ones: an unterminated quote, text after a
 closing quote, a wrong number of fields, bytes that are not UTF-8 or stray control bytes (NUL, ESC, a lone carriage
@@ -27,8 +33,16 @@ from avatar.io.paths import check_input_file
 #: Columns of the official CSV; ``prompt`` and ``fps`` may be missing (default prompt ``""``, fps 25).
 REQUIRED_COLUMNS = ("videoid", "image", "audio")
 OPTIONAL_COLUMNS = ("prompt", "fps")
-#: Per-row settings a JSON Lines manifest may override.
+#: Per-row settings a manifest may override (CSV columns or JSON keys).
 OVERRIDE_KEYS = ("seed", "steps", "strategy")
+#: Every column/key a manifest may use.
+VALID_KEYS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS + OVERRIDE_KEYS
+#: Keys whose value must be a JSON string.
+STRING_KEYS = ("videoid", "image", "audio", "prompt")
+
+
+def _valid_names() -> str:
+    return f"{', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)} and the per-row overrides {', '.join(OVERRIDE_KEYS)}"
 
 
 @dataclass(frozen=True)
@@ -141,6 +155,17 @@ def _read_csv(lines: list[tuple[str, str]], path: Path) -> Manifest:
             f"batch manifest {path} line {header_at + 1}: the header must be videoid,image,audio,prompt,fps "
             f"({error or parse_error or 'missing column(s) ' + ', '.join(missing)}; got {text[:80]!r})"
         )
+    unknown = [name for name in header if name not in VALID_KEYS]
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if unknown or twice:
+        problem = f"unknown column(s) {', '.join(repr(n) for n in unknown)}" if unknown else ""
+        problem += ("; " if unknown and twice else "") + (
+            f"column(s) named twice: {', '.join(twice)}" if twice else ""
+        )
+        raise InputError(
+            f"batch manifest {path} line {header_at + 1}: {problem}; valid columns: {_valid_names()} "
+            "(a column is never ignored: remove it or fix its name)"
+        )
     blank = [i + 1 for i, (t, e) in enumerate(lines[:header_at]) if not e and not t.strip()]
     rows = []
     for index in range(header_at + 1, len(lines)):
@@ -160,6 +185,9 @@ def _read_csv(lines: list[tuple[str, str]], path: Path) -> Manifest:
             continue
         record = dict(zip(header, values))
         fps, fps_error = _parse_fps(record.get("fps"))
+        overrides, override_error = _parse_overrides(
+            {key: _csv_value(record[key]) for key in OVERRIDE_KEYS if key in record and record[key].strip()}
+        )
         rows.append(
             Row(
                 videoid=(record.get("videoid") or "").strip(),
@@ -168,11 +196,21 @@ def _read_csv(lines: list[tuple[str, str]], path: Path) -> Manifest:
                 prompt=(record.get("prompt") or "").strip(),
                 fps=fps,
                 line=number,
+                overrides=overrides,
                 source=str(path),
-                error=fps_error,
+                error="; ".join(e for e in (fps_error, override_error) if e),
             )
         )
     return Manifest(rows, str(path), len(lines), [header_at + 1], blank)
+
+
+def _csv_value(text: str):
+    """A CSV cell of an override column: an integer when it reads as one (``seed``/``steps``), else the text."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _parse_fps(value) -> tuple[float, str]:
@@ -205,13 +243,14 @@ def _read_jsonl(lines: list[tuple[str, str]], path: Path) -> Manifest:
         errors = []
         unknown = sorted(set(record) - known)
         if unknown:
-            errors.append(
-                f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)} "
-                f"and the per-row overrides {', '.join(OVERRIDE_KEYS)}"
-            )
-        for key in ("videoid", "image", "audio", "prompt"):
+            errors.append(f"unknown key(s) {', '.join(unknown)}; valid keys: {_valid_names()}")
+        nulls = [key for key in VALID_KEYS if key in record and record[key] is None]
+        if nulls:
+            errors.append(f"{', '.join(nulls)} is null; give a value or leave the key out")
+        for key in STRING_KEYS:
             if key in record and record[key] is not None and not isinstance(record[key], str):
                 errors.append(f"{key} must be a string, got {type(record[key]).__name__}")
+        record = {key: value for key, value in record.items() if value is not None}
         overrides, override_error = _parse_overrides(record)
         if override_error:
             errors.append(override_error)

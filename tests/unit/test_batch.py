@@ -119,3 +119,41 @@ def test_summary_json_and_text():
     text = summary.format()
     assert text.startswith("batch: 2 done, 1 skipped, 1 failed") and "FAILED  d: RuntimeError: boom" in text
     assert not summary.ok
+
+
+# --- issue 22: strict manifests --------------------------------------------------------------------------------------
+
+
+def test_csv_unknown_column_is_refused_naming_it_and_the_valid_ones(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("videoid,image,audio,prompt,fps,colour\na,i.png,a.wav,hi,25,red\n")
+    with pytest.raises(InputError) as err:
+        read_manifest(path)
+    message = str(err.value)
+    assert "unknown column(s) 'colour'" in message and "line 1" in message
+    assert "videoid, image, audio, prompt, fps" in message and "seed, steps, strategy" in message
+    path.write_text("videoid,image,audio,audio\na,i.png,a.wav,b.wav\n")
+    with pytest.raises(InputError, match="named twice: audio"):
+        read_manifest(path)
+
+
+def test_csv_seed_steps_strategy_columns_are_per_row_overrides(tmp_path):
+    """An extra ``seed`` column used to be dropped silently (the row rendered with the command's seed)."""
+    path = tmp_path / "m.csv"
+    path.write_text("videoid,image,audio,prompt,fps,seed,steps,strategy\na,i,a,p,25,7,3,blend\nb,i,a,p,25,,,\n")
+    a, b = read_manifest(path)
+    assert a.overrides == {"seed": 7, "steps": 3, "strategy": "blend"} and not a.error
+    assert b.overrides == {} and not b.error
+    path.write_text("videoid,image,audio,seed\na,i,a,seven\n")
+    (row,) = read_manifest(path)
+    assert "seed 'seven' must be an integer" in row.error
+
+
+@pytest.mark.parametrize("key", ["videoid", "image", "audio", "prompt", "fps", "seed"])
+def test_jsonl_null_is_refused(tmp_path, key):
+    record = {"videoid": "a", "image": "i.png", "audio": "a.wav", "prompt": "p", key: None}
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (row,) = read_manifest(path)
+    assert f"{key} is null; give a value or leave the key out" in row.error
+    assert row.videoid != "None"
