@@ -50,6 +50,9 @@ def validate(
     would be valid. ``inputs``: the ``Job`` list to render (None: the job of ``image=``/``audio=`` or the rows of
     ``batch=``). The returned ``plan`` is the run's one plan."""
     check_config(cfg)
+    from avatar.io.ffmpeg import probe_ffmpeg
+
+    probe_ffmpeg()  # the encoder of every output, before any model (cached per binary)
     plan = resolve_plan(cfg, world_size, gpus_per_node)
     if inputs is not None:
         jobs = list(inputs)
@@ -253,11 +256,12 @@ def check_job(cfg: RunConfig, job, inputs: dict, overwrite: bool | None = None, 
     """Everything about one job that can be checked without a model. ``sequence_degree``: the plan's ring·ulysses
     (the xfuser backend's token rule depends on it)."""
     from avatar.io.audio import load_audio
-    from avatar.io.image import load_image
+    from avatar.io.image import check_geometry, load_image
 
     check_steps(job.steps)
     check_seed(job.seed)
     image = load_image(job.image)
+    check_geometry(job.image, image.width, image.height, cfg.model.image_size, cfg.model.bucket_multiple)
     if cfg.attention.backend == "xfuser":
         check_xfuser_image(cfg, image.width, image.height, sequence_degree)
     load_audio(

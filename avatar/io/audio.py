@@ -7,8 +7,16 @@ length fixed to ``ceil(len · new / orig)`` as librosa does.
 
 Only regular files are opened (a FIFO or device is refused from its ``stat``, never read), always by their absolute
 path through ffmpeg's ``file:`` protocol, so ``file:x.wav`` or ``take:1.wav`` names that file. The decoded length is
-compared with the container's: a corrupt stretch that the decoder skipped (decoded shorter or longer by more than one
-video frame) is refused naming both durations, or with ``audio.allow_damaged=true`` rendered with a warning.
+compared with the one the file declares (for WAV the ``data`` chunk's size, which decoders silently clip to what the
+file holds, else the container's): a truncated file or a corrupt stretch that the decoder skipped (decoded shorter or
+longer by more than one video frame) is refused naming both durations, or with ``audio.allow_damaged=true`` rendered
+with a warning.
+
+Sense checks on what decodes: every sample finite; sample rates below ``MIN_SAMPLE_RATE`` (8 kHz, telephone speech;
+the audio encoder works at 16 kHz) refused, since upsampling cannot restore the missing band; float samples beyond
+[-1, 1] rescaled to a peak of 1 with a warning up to ``MAX_PEAK`` (``info["gain"]`` records the factor, and the mux
+applies the same gain, so the sound track is what drove the face), refused beyond it (integer-scaled or garbage
+floats: the AAC encoder would fail on them after the whole render).
 """
 
 from __future__ import annotations
@@ -31,6 +39,13 @@ VIDEO_FPS = FPS
 
 #: libsoxr quality of the official path (``librosa.load``'s default ``soxr_hq``).
 SOXR_QUALITY = "HQ"
+
+#: Lowest accepted sample rate of the input (Hz): telephone speech; below it the speech band is gone.
+MIN_SAMPLE_RATE = 8000
+
+#: Largest accepted sample peak (|x|, full scale = 1). Float files up to it are rescaled to a peak of 1 with a
+#: warning; beyond it they are refused.
+MAX_PEAK = 8.0
 
 
 # --- decoders -----------------------------------------------------------------------------------------------------
@@ -80,6 +95,38 @@ def _decode_ffmpeg(path: str, sample_rate: int) -> tuple[np.ndarray, int]:
 
 def _ffmpeg_path(path: str) -> str:
     return "file:" + os.path.abspath(path)
+
+
+def wav_header_seconds(path: str) -> float | None:
+    """The duration a RIFF/WAVE file's ``data`` chunk declares (None: not a WAV, or a streaming WAV whose size field
+    is 0 or 0xFFFFFFFF). Decoders clip a truncated file's data to what is there; the header keeps the claim."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            rate = block_align = None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if name == b"fmt ":
+                    fmt = f.read(min(size, 16))
+                    if len(fmt) < 16:
+                        return None
+                    _, _, rate, _, block_align = struct.unpack("<HHIIH", fmt[:14])
+                    f.seek(size - 16 + (size & 1), os.SEEK_CUR)
+                elif name == b"data":
+                    if not rate or not block_align or size in (0, 0xFFFFFFFF):
+                        return None
+                    return size // block_align / rate
+                else:
+                    f.seek(size + (size & 1), os.SEEK_CUR)
+    except (OSError, struct.error):
+        return None
 
 
 def container_seconds(path: str) -> float | None:
@@ -138,13 +185,36 @@ def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
 # --- public -------------------------------------------------------------------------------------------------------
 
 
+def _gain(path: str, data: np.ndarray) -> float:
+    """1.0 for samples within [-1, 1]; ``1 / peak`` (with a warning) up to ``MAX_PEAK``; InputError beyond."""
+    peak = float(np.abs(data).max()) if data.size else 0.0
+    if peak <= 1.0:
+        return 1.0
+    if peak > MAX_PEAK:
+        raise InputError(
+            f"audio={path}: samples reach {peak:.3g}, far outside the [-1, 1] full scale of float audio (at most "
+            f"{MAX_PEAK:g} is rescaled); it is not speech as saved (integer-scaled or corrupt float samples), so "
+            "re-export it as 16-bit PCM wav"
+        )
+    log.warning(
+        "audio=%s: samples reach %.3g, beyond the [-1, 1] full scale; rescaled by %.3g to a peak of 1 (the video's "
+        "sound track gets the same gain)",
+        path,
+        peak,
+        1.0 / peak,
+    )
+    return 1.0 / peak
+
+
 def load_audio(
     path, sample_rate: int, max_seconds: float | None = None, allow_damaged: bool = False, info: dict | None = None
 ) -> np.ndarray:
     """Decode ``path`` to a float32 mono array at ``sample_rate``. Raises InputError naming the file for a missing,
     unreadable, non-regular, empty, damaged (decoded length ≠ the container's by more than a video frame, unless
-    ``allow_damaged``), too short (< 1 video frame) or too long (> ``audio.max_seconds``) input. ``info`` (a dict)
-    receives ``decoded_seconds``, ``container_seconds`` and ``damaged``."""
+    ``allow_damaged``), too short (< 1 video frame), too long (> ``audio.max_seconds``), too coarsely sampled (<
+    ``MIN_SAMPLE_RATE``) or far out of range (peak > ``MAX_PEAK``) input. ``info`` (a dict) receives
+    ``decoded_seconds``, ``container_seconds`` (what the file declares), ``damaged`` and ``gain`` (1.0, or the
+    rescale factor of a peak beyond 1)."""
     path = os.fspath(path)
     what = "a wav, flac, mp3 or m4a speech file"
     check_input_file(path, "audio", what)
@@ -161,14 +231,25 @@ def load_audio(
         data = data[:, None]
     if data.shape[0] == 0 or rate <= 0:
         raise InputError(f"audio={path}: contains no audio samples (zero length); give a non-empty speech file")
-    wav = data.mean(axis=1, dtype=np.float64).astype(np.float32) if data.shape[1] > 1 else data[:, 0]
-    if not np.isfinite(wav).all():
+    if rate < MIN_SAMPLE_RATE:
+        raise InputError(
+            f"audio={path}: sampled at {rate} Hz, below the {MIN_SAMPLE_RATE} Hz that speech needs (the audio encoder "
+            f"works at {int(sample_rate)} Hz and upsampling cannot restore the missing band); give a recording at "
+            f"{MIN_SAMPLE_RATE} Hz or more"
+        )
+    if not np.isfinite(data).all():
         raise InputError(f"audio={path}: contains NaN or infinite samples; re-export it as 16-bit PCM wav")
+    gain = _gain(path, data)
+    if gain != 1.0:
+        data = data * np.float32(gain)
+    wav = data.mean(axis=1, dtype=np.float64).astype(np.float32) if data.shape[1] > 1 else data[:, 0]
     seconds = len(wav) / rate
-    declared = container_seconds(path)
+    declared = wav_header_seconds(path)
+    if declared is None:
+        declared = container_seconds(path)
     damaged = declared is not None and abs(declared - seconds) > 1.0 / VIDEO_FPS
     if info is not None:
-        info.update(decoded_seconds=seconds, container_seconds=declared, damaged=damaged)
+        info.update(decoded_seconds=seconds, container_seconds=declared, damaged=damaged, gain=gain)
     if damaged:
         detail = (
             f"audio={path}: decodes to {seconds:.2f} s but the file declares {declared:.2f} s (a corrupt or "

@@ -4,6 +4,10 @@ The bucket rule follows the official ``VideoAudioTextLoaderVal.get_batch_data``:
 ``image_size``, round each side to a multiple of 64 (Python ``round``), and if the area exceeds
 ``image_size × long_cap`` rescale to that area from the original size and round again; the image is then resized
 with LANCZOS (no crop). ``resize_to_bucket(..., crop=True)`` offers an aspect-preserving cover resize + centre crop.
+
+``check_geometry`` is the sense check at validation: the bucket rule keeps an image's shape, so an extreme aspect ratio
+(a 64×4000 strip becomes a 128×7296 video at 704) is refused beyond ``MAX_ASPECT_RATIO`` (4:1, wider than 32:9),
+naming the size, its ratio and the bucket it would get.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ MIN_SIDE = 64
 
 #: Official long-side caps per image_size (area cap = image_size × long_cap); other sizes use 1.5 × image_size.
 LONG_CAPS = {704: 1216, 512: 768, 384: 576, 256: 384}
+
+#: Widest accepted aspect ratio (long side / short side) of the reference image.
+MAX_ASPECT_RATIO = 4.0
 
 #: Background that transparent pixels are composited onto.
 BACKGROUND = (255, 255, 255)
@@ -106,6 +113,19 @@ def bucket_size(width: int, height: int, image_size: int, multiple: int = 64) ->
         new_w = _round_to(width * scale, multiple)
         new_h = _round_to(height * scale, multiple)
     return new_w, new_h
+
+
+def check_geometry(path, width: int, height: int, image_size: int, multiple: int) -> tuple[int, int]:
+    """The image's bucket (``bucket_size``), or InputError when its aspect ratio exceeds ``MAX_ASPECT_RATIO``."""
+    bucket = bucket_size(width, height, image_size, multiple)
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise InputError(
+            f"image={path}: {width}x{height} px is {ratio:.1f}:1, beyond the {MAX_ASPECT_RATIO:g}:1 the model renders "
+            f"(model.image_size={image_size} would make it a {bucket[0]}x{bucket[1]} video); crop it to at most "
+            f"{MAX_ASPECT_RATIO:g}:1 around the face"
+        )
+    return bucket
 
 
 def resize_to_bucket(image: Image.Image, size: tuple[int, int], crop: bool = False) -> Image.Image:

@@ -84,6 +84,7 @@ class VideoWriter:
         crf: int = 18,
         preset: str = "medium",
         replace: bool = False,
+        audio_gain: float = 1.0,
     ):
         self.path = os.path.abspath(os.fspath(path))
         self.fps = fps
@@ -91,6 +92,7 @@ class VideoWriter:
         self.audio_path = os.fspath(audio_path) if audio_path is not None else None
         self.crf, self.preset = crf, str(preset)
         self.replace = replace
+        self.audio_gain = float(audio_gain)  # the rescale of an out-of-range float input (avatar.io.audio)
         self.published: str | None = None
         if not (isinstance(crf, (int, np.integer)) and not isinstance(crf, bool) and 0 <= crf <= 51):
             raise InputError(f"output.crf={crf!r} is invalid; give an integer from 0 (lossless) to 51")
@@ -250,7 +252,8 @@ class VideoWriter:
         cmd += ["-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", "192k"]
         # pad short audio with silence, cut long audio: the file lasts exactly frames / fps. No -shortest: under load
         # its sync queue could end the file a frame early (seen: 49 of 50 frames); -t alone keeps every frame.
-        cmd += ["-af", "apad", "-t", f"{duration:.6f}", "-movflags", "+faststart", "-f", "mp4"]
+        volume = f"volume={self.audio_gain:.9g}," if self.audio_gain != 1.0 else ""
+        cmd += ["-af", f"{volume}apad", "-t", f"{duration:.6f}", "-movflags", "+faststart", "-f", "mp4"]
         cmd.append(ffmpeg_path(out))
         proc = subprocess.run(cmd, capture_output=True, timeout=3600)
         if proc.returncode != 0:

@@ -31,6 +31,7 @@ def open_writer(cfg: RunConfig, job, inputs, frames: list | None = None):
         crf=cfg.output.crf,
         preset=cfg.output.preset,
         replace=cfg.overwrite,
+        audio_gain=inputs.audio_check.get("gain", 1.0),  # the rescale of an out-of-range float input
     )
     return writer if frames is None else _KeepFrames(writer, frames)
 
