@@ -382,6 +382,10 @@ class BatchConfig:
     """This job's shard of the manifest, 0-based (``launch/slurm/array.sbatch`` sets it from SLURM_ARRAY_TASK_ID)."""
     shard_count: Optional[int] = None
     """Number of shards (``array.sbatch``: SLURM_ARRAY_TASK_COUNT)."""
+    wait_for_lock: bool = False
+    """Another run holds this output's lock (``output_dir/.state/lock``, or ``<output>.state/lock`` for one video):
+    ``false`` refuses in one line naming its pid and host (exit 3); ``true`` waits until it ends, then skips what
+    it finished."""
 
 
 @dataclass

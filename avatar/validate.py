@@ -61,8 +61,13 @@ def validate(
     elif cfg.batch.manifest:
         result = _validate_batch(cfg, plan)
     else:
+        from avatar.pipeline.state import StateStore, check_state_folder, single_state_dir
+
         job = single_job(cfg)
-        check_jobs(cfg, [job], plan.sequence_size)
+        check_state_folder(single_state_dir(job.output), f"output={job.output}")
+        # finished before (a kill took only its report or the state's removal): the run completes what is left
+        done = batch_row_done(StateStore(single_state_dir(job.output)), cfg, job)
+        check_jobs(cfg, [job], plan.sequence_size, overwrite=True if done else None)
         result = Validated(cfg, plan, [job])
     check_weights(cfg)
     return result
@@ -275,10 +280,10 @@ def check_job(cfg: RunConfig, job, inputs: dict, overwrite: bool | None = None, 
     )
 
 
-def check_jobs(cfg: RunConfig, jobs: list, sequence_degree: int = 1) -> None:
+def check_jobs(cfg: RunConfig, jobs: list, sequence_degree: int = 1, overwrite: bool | None = None) -> None:
     inputs = run_inputs(cfg, jobs)
     for job in jobs:
-        check_job(cfg, job, inputs, sequence_degree=sequence_degree)
+        check_job(cfg, job, inputs, overwrite=overwrite, sequence_degree=sequence_degree)
 
 
 def check_xfuser_image(cfg: RunConfig, width: int, height: int, sequence_degree: int) -> None:
@@ -301,11 +306,12 @@ def check_xfuser_image(cfg: RunConfig, width: int, height: int, sequence_degree:
 def _validate_batch(cfg: RunConfig, plan: ParallelPlan) -> Validated:
     from avatar.io.manifest import read_manifest
     from avatar.pipeline.batch import shard_rows, validate_rows
-    from avatar.pipeline.state import StateStore, batch_state_dir
+    from avatar.pipeline.state import StateStore, batch_state_dir, check_state_folder
 
     out_dir = Path(cfg.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output_dir={out_dir} exists and is not a folder; choose another output_dir")
+    check_state_folder(batch_state_dir(out_dir), f"output_dir={out_dir}")
     manifest = read_manifest(cfg.batch.manifest)
     rows = list(manifest)
     if cfg.batch.shard_count is not None:
@@ -324,7 +330,7 @@ def _validate_batch(cfg: RunConfig, plan: ParallelPlan) -> Validated:
 
 
 def batch_row_done(state, cfg: RunConfig, job) -> bool:
-    """The row finished in an earlier run (its done mark and its output exist)."""
+    """The row (or single job) finished in an earlier run (its done mark and its output exist)."""
     from avatar.pipeline.job import config_dict
     from avatar.pipeline.resume import job_state
 

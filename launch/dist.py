@@ -35,6 +35,11 @@ def _under_srun() -> bool:
     return "WORLD_SIZE" not in env and "RANK" not in env and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env
 
 
+def under_agent() -> bool:
+    """Started by torchrun's elastic agent (which forwards a Ctrl-C to its workers: ``launch.signals``)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def peek_rank() -> int:
     """Global rank from the environment without touching any process group (0 for a plain process)."""
     return _env_int("SLURM_PROCID", 0) if _under_srun() else _env_int("RANK", 0)

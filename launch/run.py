@@ -3,8 +3,10 @@ anything is built or written), then render in the process group and tear it down
 ``launch.batch`` and ``launch.submit`` are thin wrappers around it (and do not import each other).
 
 Exit codes: 0 done; 2 bad input (one line, before any model); 3 a write failed (disk full, quota, read-only,
-permissions: one line naming the path and the cause) or the output appeared meanwhile (both paths named, ours kept
-under the conflict name); 1 a batch row failed; 75 preempted with a checkpoint (the same command resumes).
+permissions: one line naming the path and the cause), the output appeared meanwhile (both paths named, ours kept
+under the conflict name) or another run holds the output's lock (its pid and host named; ``batch.wait_for_lock=true``
+waits instead); 1 a batch row failed; 75 preempted with a checkpoint (the same command resumes); 130 Ctrl-C (with a
+checkpoint after the first, at once after a second; the same command resumes).
 """
 
 from __future__ import annotations
@@ -37,17 +39,22 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Validated]:
 
 
 def run_from_config(cfg: RunConfig, validated: Validated) -> int:
-    """Initialise the process group, build the validated plan's mesh (every group comes from it) and render the
-    jobs; always tear the group down. A preemption (SIGTERM/SIGUSR1/SIGUSR2) saves a checkpoint and returns
-    ``EXIT_PREEMPTED``; the same command resumes."""
+    """Initialise the process group, take the output's lock (one owner per output: a second run refuses naming the
+    holder, or waits with ``batch.wait_for_lock=true``), build the validated plan's mesh (every group comes from it)
+    and render the jobs; always release the lock and tear the group down. A preemption (SIGTERM/SIGUSR1/SIGUSR2)
+    saves a checkpoint and returns ``EXIT_PREEMPTED``, a Ctrl-C the same with ``EXIT_INTERRUPTED``; the same command
+    resumes."""
+    from avatar.io.errors import OutputBusy
     from avatar.pipeline.resume import Preempted
-    from avatar.pipeline.state import StateStore, single_state_dir
-    from launch.dist import destroy, init_distributed
-    from launch.signals import EXIT_PREEMPTED, PreemptionHandler, record_preemption, requeue_if_slurm
+    from avatar.pipeline.state import StateStore, batch_state_dir, lock_for_run, single_state_dir
+    from launch.dist import destroy, init_distributed, under_agent
+    from launch.signals import REPEAT_WINDOW, PreemptionHandler, record_preemption, requeue_if_slurm
 
     env = init_distributed(cfg.device)
     setup_logging(env.rank)
-    handler = PreemptionHandler().install()
+    handler = PreemptionHandler(repeat_window=REPEAT_WINDOW if under_agent() else 0.0, announce=env.is_main)
+    handler.install()
+    lock = None
     try:
         mesh = validated.plan.build_mesh(env.device.type)
         job_topo, rows_topo = mesh.topologies(env.rank, env.device, cfg.attention)
@@ -57,23 +64,42 @@ def run_from_config(cfg: RunConfig, validated: Validated) -> int:
         geometry = jobs_geometry(cfg.model, validated.jobs)
         try:
             if cfg.batch.manifest:
+                folder, what = batch_state_dir(cfg.output_dir), f"output_dir={cfg.output_dir}"
+            else:
+                folder, what = single_state_dir(validated.jobs[0].output), f"output={validated.jobs[0].output}"
+            lock = lock_for_run(job_topo, folder, what, wait=cfg.batch.wait_for_lock, stop=lambda: handler.requested)
+            if cfg.batch.manifest:
                 from avatar.pipeline.batch import run_batch
 
                 renderer = Renderer(cfg, rows_topo, geometry)
                 return run_batch(cfg, validated, renderer, job_topo, rows_topo, handler)
-            renderer = Renderer(cfg, job_topo, geometry)
             job = validated.jobs[0]
             state = StateStore(single_state_dir(job.output))
-            renderer.render(job, state=state, preemption=handler)
+            if not _finished_before(cfg, job, state, job_topo):
+                renderer = Renderer(cfg, job_topo, geometry)
+                renderer.render(job, state=state, preemption=handler)
             if env.is_main:
                 shutil.rmtree(single_state_dir(job.output), ignore_errors=True)
             return 0
         except Preempted as stop:
             if env.is_main:
-                log.warning("stopped after step %d with a checkpoint; run the same command to resume", stop.step)
-                record_preemption()
-                requeue_if_slurm()
-            return EXIT_PREEMPTED
+                how = "Ctrl-C" if handler.interrupted else "preempted"
+                log.warning(
+                    "stopped (%s) after step %d with a checkpoint; run the same command to resume", how, stop.step
+                )
+                if handler.interrupted:
+                    sys.stderr.write(
+                        f"interrupted after step {stop.step}: the checkpoint is saved; run the same command to "
+                        "continue from it\n"
+                    )
+                else:
+                    record_preemption()
+                    requeue_if_slurm()
+            return handler.exit_code
+        except OutputBusy as err:
+            if env.is_main:
+                sys.stderr.write(f"error: {err}\n")
+            return handler.exit_code if handler.requested else EXIT_WRITE_FAILED
         except InputError as err:
             # The memory pre-flight: every rank stops with the same line (before any weight was loaded).
             sys.stderr.write(f"error: {err}\n")
@@ -89,20 +115,48 @@ def run_from_config(cfg: RunConfig, validated: Validated) -> int:
             sys.stderr.write(f"error: {err}; this run's temporary files were removed\n")
             return EXIT_WRITE_FAILED
     finally:
+        if lock is not None:
+            lock.release()
         handler.uninstall()
         destroy()
 
 
+def _finished_before(cfg: RunConfig, job, state, topo) -> bool:
+    """The single job was complete before this run (a kill took its report or the state's removal): rank 0 writes
+    the missing report from the done mark, or says why it cannot; every rank learns it (no model is built)."""
+    from avatar.pipeline.state import restore_report
+    from avatar.validate import batch_row_done
+
+    note = None
+    if topo.is_main and batch_row_done(state, cfg, job):
+        from avatar.pipeline.job import config_dict
+        from avatar.pipeline.resume import job_state
+
+        key, _ = job_state(config_dict(cfg), job)
+        note = restore_report(state, key, job.output) or f"{job.output} is already complete; nothing to do"
+    note = topo.broadcast_object(note)
+    if note and topo.is_main:
+        log.warning("%s", note)
+    return note is not None
+
+
 def main(argv: list[str] | None = None, require_batch: bool = False) -> int:
     from launch.dist import peek_rank
+    from launch.signals import EXIT_INTERRUPTED
 
     setup_logging(peek_rank())
     try:
-        cfg, validated = prepare(argv)
-        if require_batch and not cfg.batch.manifest:
-            raise InputError("launch.batch needs batch=MANIFEST output_dir=DIR (see --help)")
-    except InputError as err:
+        try:
+            cfg, validated = prepare(argv)
+            if require_batch and not cfg.batch.manifest:
+                raise InputError("launch.batch needs batch=MANIFEST output_dir=DIR (see --help)")
+        except InputError as err:
+            if peek_rank() == 0:
+                sys.stderr.write(f"error: {err}\n")
+            return EXIT_BAD_INPUT
+        return run_from_config(cfg, validated)
+    except KeyboardInterrupt:
+        # Ctrl-C outside the renderer's handler (validation, process-group setup): nothing was written yet.
         if peek_rank() == 0:
-            sys.stderr.write(f"error: {err}\n")
-        return EXIT_BAD_INPUT
-    return run_from_config(cfg, validated)
+            sys.stderr.write("\nerror: interrupted before rendering started; nothing was written\n")
+        return EXIT_INTERRUPTED

@@ -1,4 +1,8 @@
 """Preemption: SIGTERM/SIGUSR1/SIGUSR2 → checkpoint at the next step boundary → exit with ``EXIT_PREEMPTED``.
+Ctrl-C (SIGINT) does the same and exits with ``EXIT_INTERRUPTED`` (130, the shell's code for SIGINT) and one line
+saying how to continue; a second Ctrl-C stops at once (``os._exit``, no traceback, no new checkpoint: the last one
+and the temporaries are dealt with by the next run). Under torchrun the agent forwards the terminal's Ctrl-C to its
+workers, which got it themselves too, so there a repeat within ``REPEAT_WINDOW`` seconds counts as the same one.
 
 The handler only sets a flag. The pipeline asks ``Resume.stop_requested()`` (``avatar/pipeline/resume.py``) at each
 step boundary; under a process group the flag is all-reduced (MAX) so every rank sees the same answer at the same
@@ -18,6 +22,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from typing import Optional
 
 log = logging.getLogger(__name__)
@@ -30,13 +35,37 @@ EXIT_PREEMPTED = 75
 #: templates' ``--signal=B:USR1@120``) and SIGUSR2 (submitit's preemption/timeout signal, ``launch.submit`` jobs).
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
+#: Exit code after a Ctrl-C (SIGINT) checkpoint, and after a second Ctrl-C: 128 + SIGINT, as a shell reports it.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+#: Seconds within which a repeated SIGINT is the same Ctrl-C forwarded by torchrun (``repeat_window``).
+REPEAT_WINDOW = 1.0
+
+#: Printed at the first Ctrl-C (by the rank that announces) and at the second.
+FIRST_INTERRUPT = (
+    "\nCtrl-C: finishing the current step, then saving a checkpoint (press Ctrl-C again to stop at once)\n"
+)
+SECOND_INTERRUPT = (
+    "\nerror: interrupted again: stopped at once without a new checkpoint; run the same command to continue from the "
+    "last saved one\n"
+)
+
 
 class PreemptionHandler:
-    """Install on every rank (main thread) before rendering; ``uninstall`` (or leave the ``with`` block) after."""
+    """Install on every rank (main thread) before rendering; ``uninstall`` (or leave the ``with`` block) after.
 
-    def __init__(self, signals: tuple[int, ...] = PREEMPT_SIGNALS):
+    ``repeat_window``: a SIGINT that follows the first within that many seconds counts as the same one (torchrun's
+    forward); any later one exits at once. ``announce``: write ``FIRST_INTERRUPT`` to stderr at the first Ctrl-C
+    (rank 0 only, so N ranks do not print N lines)."""
+
+    def __init__(
+        self, signals: tuple[int, ...] = PREEMPT_SIGNALS + (signal.SIGINT,), repeat_window=0.0, announce=True
+    ):
         self.signals = signals
         self.received: Optional[int] = None
+        self.repeat_window = float(repeat_window)
+        self.announce = announce
+        self._first_interrupt: Optional[float] = None
         self._stopped = False
         self._previous: dict[int, object] = {}
 
@@ -57,13 +86,33 @@ class PreemptionHandler:
         self.uninstall()
 
     def _handle(self, signum, frame) -> None:
-        # Only record: no logging, IO or collectives inside a signal handler.
-        self.received = signum
+        # Only record (and one raw write to stderr): no logging, collectives or exceptions inside a signal handler.
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_interrupt is not None:
+                if now - self._first_interrupt < self.repeat_window:
+                    return
+                os.write(2, SECOND_INTERRUPT.encode())
+                os._exit(EXIT_INTERRUPTED)
+            self._first_interrupt = now
+            if self.announce:
+                os.write(2, FIRST_INTERRUPT.encode())
+        if self.received is None or signum == signal.SIGINT:
+            self.received = signum
 
     @property
     def requested(self) -> bool:
-        """This rank received a preemption signal."""
+        """This rank received a preemption signal or a Ctrl-C."""
         return self.received is not None
+
+    @property
+    def interrupted(self) -> bool:
+        """The stop was asked by Ctrl-C (exit ``EXIT_INTERRUPTED``, no requeue), not by a preemption signal."""
+        return self._first_interrupt is not None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.interrupted else EXIT_PREEMPTED
 
 
 def record_preemption() -> None:

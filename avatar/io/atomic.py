@@ -42,6 +42,11 @@ def temp_name(path, tag: str = "tmp") -> str:
     return os.path.join(folder, f".{name}.{HOST}-{os.getpid()}-{secrets.token_hex(4)}.{tag}")
 
 
+def is_temp_name(name: str) -> bool:
+    """``name`` (a file name) is one of ``temp_name``'s temporaries."""
+    return _TEMP_RE.match(name) is not None
+
+
 def conflict_name(path, run_id: str = RUN_ID) -> str:
     """``out.mp4`` → ``out.mp4.conflict-<id>.mp4``: where this run's result goes when ``out.mp4`` was taken."""
     path = os.fspath(path)

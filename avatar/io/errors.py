@@ -8,7 +8,8 @@ import os
 
 #: Exit code of the entry points for bad input (checked before any model is built).
 EXIT_BAD_INPUT = 2
-#: Exit code when a write failed (disk full, quota, read-only, permissions) or the output was taken meanwhile.
+#: Exit code when a write failed (disk full, quota, read-only, permissions), the output was taken meanwhile, or
+#: another run holds the output's lock.
 EXIT_WRITE_FAILED = 3
 
 #: errno values that mean "this storage cannot take the write", reported as one line instead of a traceback.
@@ -41,6 +42,11 @@ class OutputConflict(RuntimeError):
         super().__init__(
             f"{target} appeared while this run was rendering and was left untouched; this run's result is at {kept_as}"
         )
+
+
+class OutputBusy(RuntimeError):
+    """Another run holds this output's lock (``avatar.pipeline.state.StateLock``); ``str(err)`` names its pid and
+    host."""
 
 
 class WriteError(OSError):

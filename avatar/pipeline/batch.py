@@ -24,7 +24,7 @@ from avatar.config import OnError, RunConfig
 from avatar.io.errors import WRITE_ERRNOS, InputError, OutputConflict
 from avatar.io.manifest import Manifest, Row, read_manifest, row_problem
 from avatar.pipeline.resume import Preempted, job_state
-from avatar.pipeline.state import StateStore, batch_state_dir
+from avatar.pipeline.state import StateStore, batch_state_dir, restore_report
 from avatar.pipeline.work import group_rows
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,9 @@ def run_batch(cfg: RunConfig, batch, renderer, job_topo, rows_topo, preemption) 
         key, job_config = job_state(config, job)
         if state.is_done(key) and Path(job.output).is_file():
             log.info("%s: already done (%s), skipped", job.videoid, job.output)
+            restored = restore_report(state, key, job.output) if rows_topo.is_main else None
+            if restored:
+                log.warning("%s: %s", job.videoid, restored)
             summary.add_skipped(job.videoid, f"already done: {job.output}")
             continue
         if rows_topo.is_main:

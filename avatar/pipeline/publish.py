@@ -43,7 +43,9 @@ def publish(cfg: RunConfig, job, writer, report: dict, state=None, key: str | No
     report beside it, and the conflict is returned."""
     conflict = None
     if state is not None:
-        state.mark_done(key, {"output": os.path.abspath(job.output), "seconds": report["seconds_total"]})
+        state.mark_done(  # the report too: a kill before its file is written loses nothing (state.restore_report)
+            key, {"output": os.path.abspath(job.output), "seconds": report["seconds_total"], "report": report}
+        )
     published = writer.commit()
     if published != writer.path:
         conflict = OutputConflict(job.output, published)

@@ -2,6 +2,7 @@
 
 Layout under the state folder (``<output_dir>/.state/`` for batches, ``<output>.state/`` for a single run)::
 
+    lock                        the owner's lock (``StateLock``): pid, host and start time of the run holding it
     ids/<videoid>.json          the key a videoid last ran under, its input hashes and config (explains changes)
     jobs/<key>/job.json         what the key stands for (input hashes, config)
     jobs/<key>/done.json        written when the video is complete
@@ -12,23 +13,38 @@ A job key is the sha256 of the input files' contents and the canonical JSON of t
 input or setting starts afresh. Every ``.pt`` is written atomically (temporary file, fsync, rename) behind a header
 with the payload's length and sha256; a truncated or corrupted file is detected, logged and ignored. Only one process
 (rank 0 or a data group's leader) writes a given key.
+
+One owner per output: a run takes ``fcntl.flock`` on ``<state folder>/lock`` before it builds a model or writes any
+state (``lock_for_run``: rank 0 holds it, every rank learns the outcome together). A second run on the same output
+refuses in one line naming the holder's pid and host (``OutputBusy``, exit 3), or with ``batch.wait_for_lock=true``
+waits for it. flock belongs to the open file, so two runs in one process exclude each other too; it is released by
+the kernel when the holder dies (a SIGKILL never leaves a stale lock); on NFS, Linux maps it to a POSIX lock that the
+server arbitrates across hosts. Under the lock every temporary of the folder is stale (a killed checkpoint write's
+``.checkpoint.pt.*.tmp``, an earlier run's summary parts): the owner removes them first (``remove_leftovers``).
+
+The done mark keeps the video's report, so a rerun after a kill between the video's publish and its report writes
+the missing report (``restore_report``) instead of rendering again.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
-import tempfile
+import socket
+import time
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from avatar.io.atomic import fsync_path
-from avatar.io.errors import write_error
+from avatar.io.atomic import fsync_path, is_temp_name, temp_name
+from avatar.io.errors import InputError, OutputBusy, write_error
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +130,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, rename."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = temp_name(path, "tmp")  # .<name>.<host>-<pid>-<hex>.tmp
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as err:
         raise write_error(err, path) from None
     try:
@@ -245,8 +262,13 @@ class StateStore:
     def is_done(self, key: str) -> bool:
         return _read_json(self._job_dir(key) / "done.json") is not None
 
+    def done_info(self, key: str) -> Optional[dict]:
+        """What ``mark_done`` recorded (the output path, seconds, the report), or None."""
+        return _read_json(self._job_dir(key) / "done.json")
+
     def mark_done(self, key: str, info: dict) -> None:
-        """Mark the job complete and drop its checkpoint and segments (no longer needed)."""
+        """Mark the job complete and drop its checkpoint and segments (no longer needed). ``info`` holds the output
+        and its ``report`` (``restore_report`` writes it again when a kill lost the report file)."""
         job_dir = self._job_dir(key)
         _write_json(job_dir / "done.json", info)
         (job_dir / "checkpoint.pt").unlink(missing_ok=True)
@@ -300,3 +322,167 @@ class StateStore:
     def clear(self, key: str) -> None:
         """Forget everything about ``key`` (done mark, checkpoint, segments)."""
         shutil.rmtree(self._job_dir(key), ignore_errors=True)
+
+    # --- leftovers ----------------------------------------------------------------------------------------------------
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete the temporaries of interrupted writes (``.<name>.*.tmp`` of checkpoints, segments, marks; atomic
+        temporaries) and earlier runs' summary parts. Only the lock holder calls it, before it writes anything:
+        under the lock nothing else writes here, so every one of them is stale. Returns the removed paths."""
+        removed = []
+        if not self.folder.is_dir():
+            return removed
+        for path in sorted(self.folder.rglob(".*")):
+            name = path.name
+            if path.is_file() and (is_temp_name(name) or (name.endswith(".tmp") and name.count(".") >= 3)):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        parts = self.folder / "summaries"
+        if parts.is_dir():
+            for path in sorted(parts.glob("*.json")):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
+
+def restore_report(state: StateStore, key: str, output: str) -> Optional[str]:
+    """A finished job whose ``<output>.json`` is missing (a kill after the video's publish, before its report): write
+    it from the done mark. Returns what was done, for the log (None: the report is there, nothing to do)."""
+    from avatar.io.atomic import atomic_write_json
+
+    report_path = output + ".json"
+    if os.path.exists(report_path):
+        return None
+    info = state.done_info(key) or {}
+    if not isinstance(info.get("report"), dict):
+        return (
+            f"{output} is complete but its report {report_path} is missing and was not kept in the resume state "
+            "(an older run); pass overwrite=true to render it again with a report"
+        )
+    written = atomic_write_json(report_path, info["report"], replace=False)
+    return f"{output} was complete but its report was missing (the run was stopped in between); wrote {written}"
+
+
+# --- one owner per output -----------------------------------------------------------------------------------------
+
+LOCK_FILE = "lock"
+
+
+def check_state_folder(folder: str | Path, field: str) -> None:
+    """Validation: the resume state folder of an output, when it exists, must be a folder whose ``lock`` (when
+    present) is a regular file. ``field`` names the output in the message (``output=x.mp4``)."""
+    folder = Path(folder)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise InputError(
+            f"{field}: its resume state folder {folder} exists and is not a folder; remove or rename that file "
+            "(this run keeps its checkpoints there)"
+        )
+    lock = folder / LOCK_FILE
+    if os.path.lexists(lock) and not lock.is_file():
+        raise InputError(f"{field}: {lock} exists and is not a regular file; remove it (it is this output's lock)")
+
+
+class StateLock:
+    """``fcntl.flock`` on ``<folder>/lock``, held until ``release`` (or the process ends)."""
+
+    def __init__(self, folder: str | Path, what: str):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self.what = what
+        self._fd: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def holder(self) -> dict:
+        """What the holder wrote into the lock file (pid, host, since), or {} when unreadable."""
+        try:
+            data = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def busy_message(self) -> str:
+        who = self.holder()
+        since = who.get("since")
+        started = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else ""
+        return (
+            f"{self.what} is in use by another run (pid {who.get('pid', '?')} on host {who.get('host', '?')}"
+            f"{started}; lock {self.path}); wait for it to end, choose another output, or pass "
+            "batch.wait_for_lock=true to wait for it"
+        )
+
+    def try_acquire(self) -> bool:
+        """Take the lock without blocking; False when another open file holds it."""
+        while True:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise write_error(err, self.path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return False
+                raise write_error(err, self.path) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the folder (a finished single render): lock the new one
+                os.close(fd)
+                continue
+            record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (record + "\n").encode(), 0)
+            self._fd = fd
+            return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the last descriptor releases the flock
+
+    def __enter__(self) -> StateLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_for_run(
+    topo, folder: str | Path, what: str, wait: bool = False, stop: Optional[Callable[[], bool]] = None, poll=1.0
+) -> Optional[StateLock]:
+    """Rank 0 of ``topo`` takes the output's lock and removes the folder's leftovers; rank 0's outcome is broadcast,
+    so every rank raises ``OutputBusy`` together when another run holds it. ``wait``: retry every ``poll`` seconds
+    (one small collective each time, never a long one) until it is free, or until ``stop()`` (asked on rank 0) says a
+    signal asked to stop: then ``OutputBusy`` saying so. Returns the held lock on rank 0, None elsewhere."""
+    lock = StateLock(folder, what) if topo.is_main else None
+    announced = False
+    while True:
+        status = None
+        if lock is not None:
+            if lock.try_acquire():
+                status = ("held", "")
+            elif not wait:
+                status = ("busy", lock.busy_message())
+            elif stop is not None and stop():
+                status = ("busy", f"stopped while waiting: {lock.busy_message().split(';')[0]}; nothing was rendered")
+            else:
+                status = ("wait", lock.busy_message().split("; wait for")[0])
+        kind, message = topo.broadcast_object(status)
+        if kind == "held":
+            break
+        if kind == "busy":
+            raise OutputBusy(message)
+        if not announced and lock is not None:
+            log.warning("%s; waiting for it to end (batch.wait_for_lock=true)", message)
+        announced = True
+        time.sleep(poll)
+    if lock is not None:
+        for path in StateStore(folder).remove_leftovers():
+            log.info("removed %s (left by an interrupted run)", path)
+    return lock

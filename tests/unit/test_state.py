@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import pytest
 import torch
 
 from avatar.pipeline.state import StateStore, job_key, semantic_config
@@ -78,3 +80,127 @@ def test_changed_key_is_explained(tmp_path):
     make_inputs(tmp_path, image=b"new-image")
     key_img = job_key(inputs, cfg30)
     assert store.register("v1", key_img, inputs, cfg30) == "image file changed"
+
+
+# --- issue 22: one owner per output, leftovers, the report of a finished job ---------------------------------------
+
+
+def test_lock_has_one_owner_and_names_it(tmp_path):
+    import os
+    import socket
+
+    from avatar.io.errors import OutputBusy
+    from avatar.pipeline.state import StateLock, lock_for_run
+    from avatar.pipeline.topology import Topology
+
+    folder = tmp_path / "out" / ".state"
+    first = lock_for_run(Topology(), folder, "output_dir=out")
+    assert first.held and (folder / "lock").is_file()
+    with pytest.raises(OutputBusy) as err:
+        lock_for_run(Topology(), folder, "output_dir=out")
+    message = str(err.value)
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in message and "batch.wait_for_lock=true" in message
+    assert "output_dir=out is in use by another run" in message
+    other = StateLock(folder, "x")
+    assert not other.try_acquire()
+    first.release()
+    assert other.try_acquire()
+    other.release()
+
+
+def test_waiting_lock_gives_up_when_asked_to_stop(tmp_path):
+    from avatar.io.errors import OutputBusy
+    from avatar.pipeline.state import StateLock, lock_for_run
+    from avatar.pipeline.topology import Topology
+
+    folder = tmp_path / "o.mp4.state"
+    with StateLock(folder, "output=o.mp4") as held:
+        assert held.try_acquire()
+        asked = iter([False, False, True])
+        with pytest.raises(OutputBusy, match="stopped while waiting: output=o.mp4 is in use"):
+            lock_for_run(Topology(), folder, "output=o.mp4", wait=True, stop=lambda: next(asked), poll=0.01)
+
+
+def test_lock_follows_a_folder_removed_by_the_previous_holder(tmp_path):
+    """A finished single render removes ``<output>.state`` (its lock file with it) while holding the lock: a waiter
+    that opened the old file must lock the new one, never hold a lock nobody else can see."""
+    import shutil
+
+    from avatar.pipeline.state import StateLock
+
+    folder = tmp_path / "o.mp4.state"
+    holder = StateLock(folder, "o")
+    assert holder.try_acquire()
+    waiter = StateLock(folder, "o")
+    assert not waiter.try_acquire()
+    shutil.rmtree(folder)
+    holder.release()
+    assert waiter.try_acquire() and (folder / "lock").is_file()
+    assert not StateLock(folder, "o").try_acquire()
+    waiter.release()
+
+
+def test_leftover_checkpoint_temporaries_are_removed_by_the_next_owner(tmp_path):
+    from avatar.pipeline.state import lock_for_run
+    from avatar.pipeline.topology import Topology
+
+    store = StateStore(tmp_path / ".state")
+    store.save_checkpoint("k" * 8, 2, {"latents": torch.zeros(2)}, {"strategy": "shift"})
+    job = tmp_path / ".state" / "jobs" / ("k" * 8)
+    killed = [job / ".checkpoint.pt.x1y2z3ab.tmp", job / ".checkpoint.pt.abcdef-4242-0badf00d.tmp"]
+    killed.append(job / "segments" / ".000001.pt.q9w8e7.tmp")
+    parts = tmp_path / ".state" / "summaries" / "0123456789ab-0.json"
+    for path in [*killed, parts]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    lock = lock_for_run(Topology(), tmp_path / ".state", "output_dir=x")
+    try:
+        assert not any(path.exists() for path in [*killed, parts])
+        assert store.load_checkpoint("k" * 8)[0] == 2  # the real checkpoint is kept
+        assert sorted(p.name for p in job.iterdir()) == ["checkpoint.pt", "segments"]
+    finally:
+        lock.release()
+
+
+def test_checkpoint_temporaries_carry_host_and_pid(tmp_path, monkeypatch):
+    """A write interrupted by an exception leaves nothing; the temporary's name says who wrote it."""
+    from avatar.io import atomic
+    from avatar.pipeline import state as state_mod
+
+    seen = []
+    real = atomic.temp_name
+    monkeypatch.setattr(state_mod, "temp_name", lambda path, tag: seen.append(real(path, tag)) or seen[-1])
+    StateStore(tmp_path).save_checkpoint("a" * 8, 1, {"x": torch.ones(1)}, {})
+    assert atomic.is_temp_name(Path(seen[0]).name) and Path(seen[0]).name.startswith(".checkpoint.pt.")
+    assert not Path(seen[0]).exists()
+
+
+def test_missing_report_is_restored_from_the_done_mark(tmp_path):
+    import json
+
+    from avatar.pipeline.state import restore_report
+
+    store = StateStore(tmp_path / ".state")
+    out = tmp_path / "v.mp4"
+    out.write_bytes(b"video")
+    store.mark_done("b" * 8, {"output": str(out), "report": {"frames": 5, "seconds_total": 1.5}})
+    note = restore_report(store, "b" * 8, str(out))
+    assert "its report was missing" in note and str(out) + ".json" in note
+    assert json.loads((tmp_path / "v.mp4.json").read_text()) == {"frames": 5, "seconds_total": 1.5}
+    assert restore_report(store, "b" * 8, str(out)) is None
+    store.mark_done("c" * 8, {"output": str(out)})  # a done mark of an older run: no report kept
+    (tmp_path / "v.mp4.json").unlink()
+    assert "was not kept in the resume state" in restore_report(store, "c" * 8, str(out))
+
+
+def test_state_folder_that_is_a_file_is_refused(tmp_path):
+    from avatar.io.errors import InputError
+    from avatar.pipeline.state import check_state_folder
+
+    (tmp_path / "o.mp4.state").write_text("not a folder")
+    with pytest.raises(InputError, match=r"output=o.mp4: its resume state folder .*o.mp4.state exists and is not"):
+        check_state_folder(tmp_path / "o.mp4.state", "output=o.mp4")
+    (tmp_path / "d" / "lock").mkdir(parents=True)
+    with pytest.raises(InputError, match="lock exists and is not a regular file"):
+        check_state_folder(tmp_path / "d", "output_dir=d")
+    check_state_folder(tmp_path / "absent", "output=x.mp4")
