@@ -12,6 +12,7 @@ checkpoint after the first, at once after a second; the same command resumes).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 
@@ -123,21 +124,36 @@ def run_from_config(cfg: RunConfig, validated: Validated) -> int:
 
 def _finished_before(cfg: RunConfig, job, state, topo) -> bool:
     """The single job was complete before this run (a kill took its report or the state's removal): rank 0 writes
-    the missing report from the done mark, or says why it cannot; every rank learns it (no model is built)."""
+    the missing report from the done mark, or says why it cannot; every rank learns it (no model is built). An
+    output that appeared while this run waited for the lock (``batch.wait_for_lock=true``; the run that held it
+    wrote it) raises ``OutputBusy`` on every rank, before any model."""
+    from avatar.io.errors import OutputBusy
     from avatar.pipeline.state import restore_report
     from avatar.validate import batch_row_done
 
-    note = None
-    if topo.is_main and batch_row_done(state, cfg, job):
-        from avatar.pipeline.job import config_dict
-        from avatar.pipeline.resume import job_state
+    outcome = None
+    if topo.is_main:
+        if batch_row_done(state, cfg, job):
+            from avatar.pipeline.job import config_dict
+            from avatar.pipeline.resume import job_state
 
-        key, _ = job_state(config_dict(cfg), job)
-        note = restore_report(state, key, job.output) or f"{job.output} is already complete; nothing to do"
-    note = topo.broadcast_object(note)
-    if note and topo.is_main:
-        log.warning("%s", note)
-    return note is not None
+            key, _ = job_state(config_dict(cfg), job)
+            outcome = ("done", restore_report(state, key, job.output) or f"{job.output} is already complete")
+        elif os.path.lexists(job.output) and not cfg.overwrite:
+            outcome = (
+                "taken",
+                f"output={job.output} appeared while this run waited for its lock (the run that held it wrote "
+                "it); pass overwrite=true to replace it or choose another path",
+            )
+    outcome = topo.broadcast_object(outcome)
+    if outcome is None:
+        return False
+    kind, note = outcome
+    if kind == "taken":
+        raise OutputBusy(note)
+    if topo.is_main:
+        log.warning("%s; nothing to render", note)
+    return True
 
 
 def main(argv: list[str] | None = None, require_batch: bool = False) -> int:

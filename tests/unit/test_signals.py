@@ -84,3 +84,49 @@ def test_ranks_agree_when_only_one_was_signalled():
     mp.start_processes(_agree_worker, args=(port, results), nprocs=2, start_method="spawn", join=True)
     got = sorted(results.get() for _ in range(2))
     assert got == [(0, False, False, True), (1, False, True, True)]
+
+
+# --- issue 22: Ctrl-C is a checkpoint, a second Ctrl-C stops at once ------------------------------------------------
+
+
+def test_sigint_sets_the_flag_and_exit_code_130(capfd):
+    from launch.signals import EXIT_INTERRUPTED
+
+    with PreemptionHandler() as handler:
+        resume = _resume(Topology(), handler)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert handler.requested and handler.interrupted and resume.stop_requested()
+        assert handler.exit_code == EXIT_INTERRUPTED == 130
+    assert "Ctrl-C: finishing the current step" in capfd.readouterr().err
+    with PreemptionHandler() as handler:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert handler.requested and not handler.interrupted and handler.exit_code == EXIT_PREEMPTED
+
+
+_TWICE = """
+import os, signal, sys, time
+from launch.signals import PreemptionHandler
+handler = PreemptionHandler(repeat_window=float(sys.argv[1])).install()
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.05)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.05)
+print("still running", handler.requested, flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_second_sigint_exits_at_once_without_traceback():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    run = [sys.executable, "-c", _TWICE]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    twice = subprocess.run([*run, "0"], capture_output=True, text=True, timeout=30, env=env, cwd=root)
+    assert twice.returncode == 130 and "still running" not in twice.stdout
+    assert "interrupted again: stopped at once" in twice.stderr and "Traceback" not in twice.stderr
+    # under torchrun the agent forwards the terminal's Ctrl-C: a repeat within the window is the same one
+    forwarded = subprocess.run([*run, "5"], capture_output=True, text=True, timeout=30, env=env, cwd=root)
+    assert forwarded.returncode == 0 and "still running True" in forwarded.stdout, forwarded.stderr
