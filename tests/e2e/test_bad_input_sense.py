@@ -137,3 +137,17 @@ def test_manifest_csv_seed_column_is_used(tmp_path, tiny_weights):
     cfg = compose(_batch_args(tiny_weights, manifest, tmp_path / "out", "seed=3"))
     jobs = {job.videoid: job for job in validate(cfg).jobs}
     assert jobs["a"].seed == 7 and jobs["b"].seed == 3
+
+
+def test_state_folder_that_is_a_regular_file(capsys, tmp_path, tiny_weights, built):
+    """``<output>.state`` as a file used to end in a traceback once the models were built."""
+    args, out = _single(tiny_weights, tmp_path)
+    (tmp_path / "o.mp4.state").write_text("in the way")
+    _one_line(capsys, args, ["output=", "o.mp4.state exists and is not a folder"], [out])
+    shutil.copy(EXAMPLES / "portrait.jpg", tmp_path / "img.jpg")
+    shutil.copy(EXAMPLES / "speech_5s.wav", tmp_path / "a.wav")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / ".state").write_text("in the way")
+    manifest = _manifest(tmp_path, b"a,img.jpg,a.wav,hi,25\n")
+    _one_line(capsys, _batch_args(tiny_weights, manifest, out_dir), ["output_dir=", ".state exists and is not a"])
