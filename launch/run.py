@@ -68,7 +68,10 @@ def run_from_config(cfg: RunConfig, validated: Validated) -> int:
                 folder, what = batch_state_dir(cfg.output_dir), f"output_dir={cfg.output_dir}"
             else:
                 folder, what = single_state_dir(validated.jobs[0].output), f"output={validated.jobs[0].output}"
-            lock = lock_for_run(job_topo, folder, what, wait=cfg.batch.wait_for_lock, stop=lambda: handler.requested)
+            shard = (cfg.batch.shard_index, cfg.batch.shard_count) if cfg.batch.shard_count is not None else None
+            lock = lock_for_run(
+                job_topo, folder, what, cfg.batch.wait_for_lock, stop=lambda: handler.requested, shard=shard
+            )
             if cfg.batch.manifest:
                 from avatar.pipeline.batch import run_batch
 

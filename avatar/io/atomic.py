@@ -70,6 +70,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def stale_temp(path) -> bool:
+    """``path`` is a temporary (``temp_name``) of a process that no longer runs (this host) or, from another host,
+    older than ``STALE_SECONDS``."""
+    m = _TEMP_RE.match(os.path.basename(os.fspath(path)))
+    if not m or (m["host"] == HOST and int(m["pid"]) == os.getpid()):
+        return False
+    if m["host"] == HOST:
+        return not _pid_alive(int(m["pid"]))
+    try:
+        return time.time() - os.lstat(path).st_mtime > STALE_SECONDS
+    except OSError:
+        return False
+
+
 def remove_stale_temps(path) -> list[str]:
     """Delete the temporaries of ``path`` left by killed processes (this host: pid gone; other hosts: older than a
     day). Returns the removed paths."""

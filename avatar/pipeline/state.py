@@ -17,10 +17,13 @@ with the payload's length and sha256; a truncated or corrupted file is detected,
 One owner per output: a run takes ``fcntl.flock`` on ``<state folder>/lock`` before it builds a model or writes any
 state (``lock_for_run``: rank 0 holds it, every rank learns the outcome together). A second run on the same output
 refuses in one line naming the holder's pid and host (``OutputBusy``, exit 3), or with ``batch.wait_for_lock=true``
-waits for it. flock belongs to the open file, so two runs in one process exclude each other too; it is released by
+waits for it. The shards of a Slurm array share one ``output_dir``: each holds the folder's lock shared and its own
+shard's exclusively (``StateLock``), so shards run side by side while a shard twice, or an unsharded run beside
+them, is refused. flock belongs to the open file, so two runs in one process exclude each other too; it is released by
 the kernel when the holder dies (a SIGKILL never leaves a stale lock); on NFS, Linux maps it to a POSIX lock that the
 server arbitrates across hosts. Under the lock every temporary of the folder is stale (a killed checkpoint write's
-``.checkpoint.pt.*.tmp``, an earlier run's summary parts): the owner removes them first (``remove_leftovers``).
+``.checkpoint.pt.*.tmp``, an earlier run's summary parts): the owner removes them first (``remove_leftovers``; a
+shard removes only those of processes that are gone).
 
 The done mark keeps the video's report, so a rerun after a kill between the video's publish and its report writes
 the missing report (``restore_report``) instead of rendering again.
@@ -325,20 +328,26 @@ class StateStore:
 
     # --- leftovers ----------------------------------------------------------------------------------------------------
 
-    def remove_leftovers(self) -> list[Path]:
+    def remove_leftovers(self, exclusive: bool = True) -> list[Path]:
         """Delete the temporaries of interrupted writes (``.<name>.*.tmp`` of checkpoints, segments, marks; atomic
-        temporaries) and earlier runs' summary parts. Only the lock holder calls it, before it writes anything:
-        under the lock nothing else writes here, so every one of them is stale. Returns the removed paths."""
+        temporaries) and earlier runs' summary parts. ``exclusive``: the caller holds the folder's lock alone, so
+        nothing else writes here and every one of them is stale. Otherwise (one shard of an array, beside others) only
+        temporaries of processes that are gone (``avatar.io.atomic.stale_temp``). Returns the removed paths."""
+        from avatar.io.atomic import stale_temp
+
         removed = []
         if not self.folder.is_dir():
             return removed
         for path in sorted(self.folder.rglob(".*")):
             name = path.name
-            if path.is_file() and (is_temp_name(name) or (name.endswith(".tmp") and name.count(".") >= 3)):
+            if not path.is_file():
+                continue
+            legacy = not is_temp_name(name) and name.endswith(".tmp") and name.count(".") >= 3  # mkstemp names
+            if (exclusive and (is_temp_name(name) or legacy)) or stale_temp(path):
                 path.unlink(missing_ok=True)
                 removed.append(path)
         parts = self.folder / "summaries"
-        if parts.is_dir():
+        if exclusive and parts.is_dir():
             for path in sorted(parts.glob("*.json")):
                 path.unlink(missing_ok=True)
                 removed.append(path)
@@ -382,69 +391,126 @@ def check_state_folder(folder: str | Path, field: str) -> None:
         raise InputError(f"{field}: {lock} exists and is not a regular file; remove it (it is this output's lock)")
 
 
-class StateLock:
-    """``fcntl.flock`` on ``<folder>/lock``, held until ``release`` (or the process ends)."""
+def _flock(path: Path, mode: int) -> Optional[int]:
+    """Open (creating) ``path`` and take ``mode`` (``LOCK_EX``/``LOCK_SH``) without blocking: the descriptor, or None
+    when another open file holds a conflicting lock. A file that was removed or replaced meanwhile (a finished single
+    render removes its state folder) is reopened."""
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise write_error(err, path) from None
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None
+            raise write_error(err, path) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
-    def __init__(self, folder: str | Path, what: str):
+
+def _read_holder(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _held(path: Path) -> bool:
+    """Some open file holds a lock on ``path`` (probed with a shared lock, released at once)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+class StateLock:
+    """The owner's lock of a state folder, held until ``release`` (or the process ends).
+
+    A whole output takes ``LOCK_EX`` on ``<folder>/lock``. One shard of a Slurm array (``shard=(i, n)``) shares
+    the folder with its sibling shards: ``LOCK_SH`` on ``lock`` (which keeps an unsharded run out) and ``LOCK_EX`` on
+    ``lock.shard-<i>-of-<n>`` (which keeps the same shard from running twice)."""
+
+    def __init__(self, folder: str | Path, what: str, shard: Optional[tuple[int, int]] = None):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_FILE
-        self.what = what
-        self._fd: Optional[int] = None
+        self.shard = shard
+        self.shard_path = self.folder / f"{LOCK_FILE}.shard-{shard[0]}-of-{shard[1]}" if shard else None
+        self.what = what if shard is None else f"{what} (shard {shard[0]} of {shard[1]})"
+        self._fds: list[int] = []
+        self._blocker: Optional[Path] = None
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return bool(self._fds)
 
-    def holder(self) -> dict:
-        """What the holder wrote into the lock file (pid, host, since), or {} when unreadable."""
-        try:
-            data = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+    @property
+    def exclusive(self) -> bool:
+        """The whole folder is this run's (no sibling shard may write beside it)."""
+        return self.shard is None
+
+    def holders(self) -> list[dict]:
+        """What the run(s) in the way wrote into their lock file (pid, host, since)."""
+        if self._blocker is not None and self._blocker != self.path:
+            return [_read_holder(self._blocker)]
+        # held shared by the shards of an array: each one's record is in its own shard lock file
+        shards = [_read_holder(p) for p in sorted(self.folder.glob(f"{LOCK_FILE}.shard-*")) if _held(p)]
+        return shards or [_read_holder(self.path)]
 
     def busy_message(self) -> str:
-        who = self.holder()
-        since = who.get("since")
-        started = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else ""
+        runs = []
+        for who in self.holders():
+            since = who.get("since")
+            started = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else ""
+            shard = f", shard {who['shard']}" if who.get("shard") else ""
+            runs.append(f"pid {who.get('pid', '?')} on host {who.get('host', '?')}{shard}{started}")
         return (
-            f"{self.what} is in use by another run (pid {who.get('pid', '?')} on host {who.get('host', '?')}"
-            f"{started}; lock {self.path}); wait for it to end, choose another output, or pass "
-            "batch.wait_for_lock=true to wait for it"
+            f"{self.what} is in use by another run ({'; '.join(runs)}; lock {self._blocker or self.path}); wait for "
+            "it to end, choose another output, or pass batch.wait_for_lock=true to wait for it"
         )
 
     def try_acquire(self) -> bool:
-        """Take the lock without blocking; False when another open file holds it."""
-        while True:
-            try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as err:
-                raise write_error(err, self.path) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
+        """Take the lock without blocking; False when another run holds it (``busy_message`` names it)."""
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        fd = _flock(self.path, fcntl.LOCK_EX if self.shard is None else fcntl.LOCK_SH)
+        if fd is None:
+            self._blocker = self.path
+            return False
+        fds = [fd]
+        if self.shard_path is not None:
+            shard_fd = _flock(self.shard_path, fcntl.LOCK_EX)
+            if shard_fd is None:
                 os.close(fd)
-                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    return False
-                raise write_error(err, self.path) from None
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if not same:  # the previous holder removed the folder (a finished single render): lock the new one
-                os.close(fd)
-                continue
-            record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (record + "\n").encode(), 0)
-            self._fd = fd
-            return True
+                self._blocker = self.shard_path
+                return False
+            fds.append(shard_fd)
+            record["shard"] = f"{self.shard[0]} of {self.shard[1]}"
+        mine = fds[-1]  # the file only this run holds exclusively
+        os.ftruncate(mine, 0)
+        os.pwrite(mine, (json.dumps(record) + "\n").encode(), 0)
+        self._fds, self._blocker = fds, None
+        return True
 
     def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)  # closing the last descriptor releases the flock
+        fds, self._fds = self._fds, []
+        for fd in reversed(fds):
+            os.close(fd)  # closing the last descriptor of an open file releases its flock
 
     def __enter__(self) -> StateLock:
         return self
@@ -454,13 +520,19 @@ class StateLock:
 
 
 def lock_for_run(
-    topo, folder: str | Path, what: str, wait: bool = False, stop: Optional[Callable[[], bool]] = None, poll=1.0
+    topo,
+    folder: str | Path,
+    what: str,
+    wait: bool = False,
+    stop: Optional[Callable[[], bool]] = None,
+    poll=1.0,
+    shard: Optional[tuple[int, int]] = None,
 ) -> Optional[StateLock]:
     """Rank 0 of ``topo`` takes the output's lock and removes the folder's leftovers; rank 0's outcome is broadcast,
     so every rank raises ``OutputBusy`` together when another run holds it. ``wait``: retry every ``poll`` seconds
     (one small collective each time, never a long one) until it is free, or until ``stop()`` (asked on rank 0) says a
     signal asked to stop: then ``OutputBusy`` saying so. Returns the held lock on rank 0, None elsewhere."""
-    lock = StateLock(folder, what) if topo.is_main else None
+    lock = StateLock(folder, what, shard) if topo.is_main else None
     announced = False
     while True:
         status = None
@@ -483,6 +555,6 @@ def lock_for_run(
         announced = True
         time.sleep(poll)
     if lock is not None:
-        for path in StateStore(folder).remove_leftovers():
+        for path in StateStore(folder).remove_leftovers(exclusive=lock.exclusive):
             log.info("removed %s (left by an interrupted run)", path)
     return lock

@@ -89,9 +89,15 @@ def test_second_batch_on_one_output_dir_refuses_and_the_rerun_skips_every_row(ti
     finished = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("r*.mp4")}
     assert len(finished) == ROWS and not list(out_dir.glob("*conflict*"))
 
+    # what a kill during a checkpoint write leaves; the next owner of the folder removes it
+    job = next((out_dir / ".state" / "jobs").iterdir())
+    leftover = job / ".checkpoint.pt.k1ll3d.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+
     rerun = generate(*args, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "already exists" not in rerun.stderr and "Traceback" not in rerun.stderr
+    assert not leftover.exists() and f"removed {leftover}" in rerun.stderr
     summary = _summary(out_dir)
     assert summary["num_done"] == 0 and summary["num_skipped"] == ROWS
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.glob("r*.mp4")} == finished

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,46 @@ def test_state_folder_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(InputError, match="lock exists and is not a regular file"):
         check_state_folder(tmp_path / "d", "output_dir=d")
     check_state_folder(tmp_path / "absent", "output=x.mp4")
+
+
+def test_shards_of_an_array_share_the_folder_but_not_a_shard(tmp_path):
+    """Slurm array tasks render their shards into one output_dir side by side; the same shard twice, or an
+    unsharded run beside them, is refused naming who is in the way."""
+    import os
+
+    from avatar.pipeline.state import StateLock
+
+    folder = tmp_path / ".state"
+    first, second = StateLock(folder, "output_dir=o", (0, 2)), StateLock(folder, "output_dir=o", (1, 2))
+    assert first.try_acquire() and second.try_acquire()
+    again = StateLock(folder, "output_dir=o", (1, 2))
+    assert not again.try_acquire()
+    assert f"(shard 1 of 2) is in use by another run (pid {os.getpid()}" in again.busy_message()
+    assert "lock.shard-1-of-2" in again.busy_message()
+    whole = StateLock(folder, "output_dir=o")
+    assert not whole.try_acquire()
+    message = whole.busy_message()
+    assert message.count(f"pid {os.getpid()}") == 2 and "shard 0 of 2" in message and "shard 1 of 2" in message
+    first.release()
+    second.release()
+    assert whole.try_acquire()
+    assert not StateLock(folder, "output_dir=o", (0, 2)).try_acquire()
+    whole.release()
+
+
+def test_a_shard_removes_only_temporaries_of_processes_that_are_gone(tmp_path):
+    from avatar.io.atomic import HOST
+
+    store = StateStore(tmp_path)
+    job = tmp_path / "jobs" / "key"
+    job.mkdir(parents=True)
+    mine = job / f".checkpoint.pt.{HOST}-{os.getpid()}-0badf00d.tmp"  # a sibling shard's write in progress (alive)
+    dead = job / f".checkpoint.pt.{HOST}-999999999-0badf00d.tmp"
+    legacy = job / ".checkpoint.pt.x1y2z3.tmp"  # no pid in the name: only the exclusive owner can tell
+    part = tmp_path / "summaries" / "run-0.json"
+    part.parent.mkdir()
+    for path in (mine, dead, legacy, part):
+        path.write_bytes(b"x")
+    assert store.remove_leftovers(exclusive=False) == [dead]
+    assert mine.exists() and legacy.exists() and part.exists()
+    assert set(store.remove_leftovers(exclusive=True)) == {mine, legacy, part}
