@@ -84,6 +84,8 @@ def run_from_config(cfg: RunConfig, validated: Validated) -> int:
                 renderer.render(job, state=state, preemption=handler)
             if env.is_main:
                 shutil.rmtree(single_state_dir(job.output), ignore_errors=True)
+                if handler.requested:
+                    log.warning("the stop was asked after the last denoising step: the video was finished instead")
             return 0
         except Preempted as stop:
             if env.is_main:
@@ -128,8 +130,8 @@ def run_from_config(cfg: RunConfig, validated: Validated) -> int:
 def _finished_before(cfg: RunConfig, job, state, topo) -> bool:
     """The single job was complete before this run (a kill took its report or the state's removal): rank 0 writes
     the missing report from the done mark, or says why it cannot; every rank learns it (no model is built). An
-    output that appeared while this run waited for the lock (``batch.wait_for_lock=true``; the run that held it
-    wrote it) raises ``OutputBusy`` on every rank, before any model."""
+    output that appeared since validation (typically written by the run whose lock this one waited for with
+    ``batch.wait_for_lock=true``) raises ``OutputBusy`` on every rank, before any model."""
     from avatar.io.errors import OutputBusy
     from avatar.pipeline.state import restore_report
     from avatar.validate import batch_row_done
@@ -145,8 +147,8 @@ def _finished_before(cfg: RunConfig, job, state, topo) -> bool:
         elif os.path.lexists(job.output) and not cfg.overwrite:
             outcome = (
                 "taken",
-                f"output={job.output} appeared while this run waited for its lock (the run that held it wrote "
-                "it); pass overwrite=true to replace it or choose another path",
+                f"output={job.output} appeared after this run was validated (written by the run that held its "
+                "lock, or by another process); pass overwrite=true to replace it or choose another path",
             )
     outcome = topo.broadcast_object(outcome)
     if outcome is None:
