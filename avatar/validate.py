@@ -334,11 +334,15 @@ def batch_row_done(state, cfg: RunConfig, job) -> bool:
     from avatar.pipeline.job import config_dict
     from avatar.pipeline.resume import job_state
 
+    if not (state.folder.is_dir() and Path(job.output).is_file()):
+        return False
+    if not all(os.path.isfile(path) for path in (job.image, job.audio)):
+        return False  # a FIFO or device is never hashed (it would block); check_job refuses it
     try:
         key, _ = job_state(config_dict(cfg), job)
     except OSError:
         return False
-    return state.is_done(key) and Path(job.output).is_file()
+    return state.is_done(key)
 
 
 # --- weights ------------------------------------------------------------------------------------------------------
