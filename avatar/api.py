@@ -100,7 +100,11 @@ class AvatarPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, weights="weights/hunyuan_avatar", model: str = "hunyuan_avatar", overrides: list[str] | tuple = (), **options
+        cls,
+        weights="weights/hunyuan_avatar",
+        model: str = "hunyuan_avatar",
+        overrides: list[str] | tuple = (),
+        **options,
     ) -> AvatarPipeline:
         """Compose the config (``model``, ``weights``, then ``overrides``, then the keyword ``options``), check it,
         and load the models (once). Raises InputError for a bad config, plan or weights folder."""
