@@ -193,12 +193,6 @@ def dit_forwards(window_calls: int, cached_window_calls: int = 0, reused_window_
     return 2 * full, 2 * cached_window_calls
 
 
-def run_dit_flops(per_forward: dict[str, int], window_calls: int, cached: int = 0, reused: int = 0) -> int:
-    """DiT FLOPs of a run from ``dit_forward_flops``'s per-forward counts and its window calls."""
-    full_forwards, cached_forwards = dit_forwards(window_calls, cached, reused)
-    return full_forwards * per_forward["full"] + cached_forwards * per_forward["cached"]
-
-
 def flop_section(
     cfg,
     *,
