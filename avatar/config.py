@@ -103,6 +103,12 @@ class Device(StrEnum):
     cuda = "cuda"
 
 
+class ServeRole(StrEnum):
+    both = "both"
+    api = "api"
+    worker = "worker"
+
+
 class DType(StrEnum):
     auto = "auto"
     bf16 = "bf16"
@@ -395,7 +401,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     """Address to bind. Loopback by default; any other address needs ``serve.api_key``."""
     port: int = 8000
-    """TCP port (0: any free port; the one chosen is written to ``<state_dir>/server.json``)."""
+    """TCP port (0: any free port; the one chosen is written to ``<data_dir>/server.json``)."""
     api_key: Optional[str] = None
     """When set, every ``/v1`` request needs ``Authorization: Bearer <api_key>`` (else 401). Any UTF-8 text without
     control characters or surrounding spaces; to keep it out of ``ps`` (and past the command-line grammar's ``=``,
@@ -403,8 +409,19 @@ class ServeConfig:
     api_key_file: Optional[str] = None
     """Read ``api_key`` from this UTF-8 file (one trailing newline dropped). ``AVATAR_API_KEY`` is read when neither
     ``api_key`` nor ``api_key_file`` is given."""
-    state_dir: str = "outputs/serve"
-    """The SQLite job store, the uploads and the finished videos (kept across restarts)."""
+    role: ServeRole = ServeRole.both
+    """``both``: the HTTP API and a worker group in one launch; ``api``: the HTTP API only (one process, no model);
+    ``worker``: a worker group only (``python -m launch.worker``). Any number of each can share one ``store``."""
+    store: Optional[str] = None
+    """The job database: ``sqlite:///PATH`` (one machine) or ``postgresql://USER@HOST:PORT/DB`` (shared by API
+    front ends and workers on many machines). Default: ``sqlite:///<data_dir>/jobs.sqlite3``."""
+    data_dir: str = "outputs/serve"
+    """Uploads, finished videos and the resume state of unfinished jobs; storage every API front end and worker of
+    one store sees (a shared file system across machines)."""
+    lease_seconds: float = 60.0
+    """How long a worker's claim on a job lasts without a heartbeat (it heartbeats every quarter of it while it
+    renders); a job whose worker died is taken over by another worker this long after the last heartbeat, and
+    resumes from its last checkpoint."""
     max_queue: int = 16
     """Jobs queued or running at most; a new job beyond it gets 429."""
     max_image_mb: float = 20.0

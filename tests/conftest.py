@@ -30,3 +30,27 @@ def tiny_weights(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-weights")
     make_tiny(folder, compose(["model=tiny"]).model, seed=0)
     return folder
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (``tests/utils/postgres.py``); skipped, with the reason, where none
+    can be started."""
+    from tests.utils.postgres import PostgresServer, Unavailable
+
+    server = PostgresServer()
+    try:
+        server.start()
+    except Unavailable as err:
+        pytest.skip(f"PostgreSQL: {err}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """The URL of a fresh, empty database on the session's server (one per test)."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    return postgres_server.create_database(name)
