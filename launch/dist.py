@@ -1,10 +1,15 @@
-"""Process-group setup: the only module that reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and friends.
+"""Process-group setup: the only module that reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``SLURM_*``, ``LWS_*``.
 
 Started by ``srun`` without torchrun (``srun --ntasks-per-node=8 python -m launch.generate ...``), the ranks come from
 Slurm instead: ``SLURM_PROCID``, ``SLURM_NTASKS`` (the step's task count), ``SLURM_LOCALID``, and the rendezvous is
 ``MASTER_ADDR``/``MASTER_PORT`` when set, else the first host of the step's node list (or
 ``SLURM_LAUNCH_NODE_IPADDR``) and port ``20000 + SLURM_JOB_ID % 20000``. torchrun's variables win when both exist; a
 plain ``sbatch`` script (no ``srun`` step) stays one process.
+
+In a Kubernetes LeaderWorkerSet, one process per pod without torchrun (a group of one-GPU pods), the ranks come
+from LWS: ``LWS_WORKER_INDEX`` is the rank (0: the leader), ``LWS_GROUP_SIZE`` the world size, and the rendezvous
+is ``LWS_LEADER_ADDRESS`` on port ``MASTER_PORT`` (default 29500). Pods with several GPUs run torchrun instead,
+given the same three variables (``launch/k8s/``); torchrun's variables then win, as under Slurm.
 
 A plain ``python -m launch.generate`` (no torchrun, ``WORLD_SIZE`` unset or 1) creates no process group at all;
 every parallel helper treats "no process group" as a world of one. Under torchrun/srun the group uses NCCL for CUDA
@@ -40,9 +45,29 @@ def under_agent() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+def _under_lws() -> bool:
+    """Started as one process of a LeaderWorkerSet pod without torchrun (no ``WORLD_SIZE``/``RANK``, no srun)."""
+    env = os.environ
+    return (
+        "WORLD_SIZE" not in env
+        and "RANK" not in env
+        and not _under_srun()
+        and bool(env.get("LWS_LEADER_ADDRESS"))
+        and "LWS_WORKER_INDEX" in env
+    )
+
+
+#: The rendezvous port of a LeaderWorkerSet group when ``MASTER_PORT`` is not set (torchrun's default).
+LWS_PORT = 29500
+
+
 def peek_rank() -> int:
     """Global rank from the environment without touching any process group (0 for a plain process)."""
-    return _env_int("SLURM_PROCID", 0) if _under_srun() else _env_int("RANK", 0)
+    if _under_srun():
+        return _env_int("SLURM_PROCID", 0)
+    if _under_lws():
+        return _env_int("LWS_WORKER_INDEX", 0)
+    return _env_int("RANK", 0)
 
 
 def _first_int(value: str | None, default: int) -> int:
@@ -90,6 +115,19 @@ def slurm_rendezvous() -> str | None:
     return f"tcp://{addr}:{port}"
 
 
+def lws_rendezvous() -> str | None:
+    """``tcp://LEADER:PORT`` for the pods of a LeaderWorkerSet group without torchrun (``None`` otherwise)."""
+    if not _under_lws():
+        return None
+    return f"tcp://{os.environ['LWS_LEADER_ADDRESS']}:{_env_int('MASTER_PORT', LWS_PORT)}"
+
+
+def rendezvous() -> str | None:
+    """The ``init_method`` of this launch: Slurm's or LeaderWorkerSet's without torchrun, else None (torchrun's
+    ``env://``)."""
+    return slurm_rendezvous() or lws_rendezvous()
+
+
 def read_env() -> tuple[int, int, int, int]:
     """``(rank, world_size, local_rank, local_world_size)`` from the launcher's environment (defaults: one
     process)."""
@@ -102,6 +140,14 @@ def read_env() -> tuple[int, int, int, int]:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"inconsistent srun environment: SLURM_PROCID={rank} SLURM_NTASKS={world_size}")
         return rank, world_size, local_rank, local_world_size
+    if _under_lws():
+        world_size = _env_int("LWS_GROUP_SIZE", 1)
+        rank = _env_int("LWS_WORKER_INDEX", 0)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"inconsistent LeaderWorkerSet environment: LWS_WORKER_INDEX={rank} LWS_GROUP_SIZE={world_size}"
+            )
+        return rank, world_size, 0, 1
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -116,7 +162,7 @@ def init_distributed(device: str = "auto", timeout: timedelta | float | None = N
     group (``avatar.parallel.group.init_group``). ``timeout`` (a timedelta or seconds) bounds every collective."""
     rank, world_size, local_rank, local_world_size = read_env()
     install_memory_provider()
-    return init_group(rank, world_size, local_rank, local_world_size, device, slurm_rendezvous(), timeout)
+    return init_group(rank, world_size, local_rank, local_world_size, device, rendezvous(), timeout)
 
 
 #: Free GB the device-memory provider reports on every device (``avatar/memory/device.py``): lets a CPU run (tests)
