@@ -36,7 +36,8 @@ setup(
         **{name: ["*.yaml"] for name in config_packages},
         "avatar._weights": ["manifest.yaml", "README.md"],
         "launch.slurm": ["*.sbatch", "README.md"],
-        "avatar.serve": ["static/*"],
+        "launch.k8s": ["*.yaml", "README.md"],
+        "avatar.serve": ["static/*", "migrations/*.sql"],
     },
     include_package_data=False,
     install_requires=runtime,
@@ -52,6 +53,7 @@ setup(
             "avatar-plan=launch.plan:main",
             "avatar-resources=launch.resources:main",
             "avatar-serve=launch.serve:main",
+            "avatar-worker=launch.worker:main",
         ]
     },
 )

@@ -32,13 +32,16 @@ from pathlib import Path
 import avatar
 import launch
 from avatar.resources import config_dir, weights_manifest
-from launch.resources import slurm_dir
+from avatar.serve.store import migrations
+from launch.resources import k8s_dir, slurm_dir
 
 site = Path(sys.argv[1]).resolve()
 for module in (avatar, launch):
     assert Path(module.__file__).resolve().is_relative_to(site), f"{module.__name__} imported from {module.__file__}"
-for path in (config_dir() / "config.yaml", slurm_dir() / "generate.sbatch", weights_manifest()):
+for path in (config_dir() / "config.yaml", slurm_dir() / "worker.sbatch", k8s_dir() / "leaderworkerset.yaml",
+             weights_manifest()):
     assert path.resolve().is_relative_to(site) and path.is_file(), path
+assert [v for v, _, _ in migrations()][:1] == [1], "the job store's migrations are not in the wheel"
 print(f"check-install: avatar {avatar.__version__} from {Path(avatar.__file__).parent}")
 PY
 "$BIN/avatar-weights" make-tiny w >/dev/null

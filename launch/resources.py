@@ -1,6 +1,6 @@
-"""``python -m launch.resources [configs|slurm|manifest]`` prints where the shipped data are, e.g. for
+"""``python -m launch.resources [configs|slurm|k8s|manifest]`` prints where the shipped data are, e.g. for
 ``sbatch "$(python -m launch.resources slurm)/generate.sbatch" ...`` from an installed package. The Slurm templates
-are ``launch/slurm/`` (this package's data); the config groups and the weights manifest are the library's
+are ``launch/slurm/``, the Kubernetes example ``launch/k8s/`` (this package's data); the config groups and the weights manifest are the library's
 (``avatar/resources.py``).
 """
 
@@ -22,9 +22,17 @@ def slurm_dir() -> Path:
     return path
 
 
+def k8s_dir() -> Path:
+    """The folder of the Kubernetes example (``leaderworkerset.yaml``)."""
+    path = _HERE / "k8s"
+    if not path.exists():
+        raise FileNotFoundError(f"package data not found (looked at {path})")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    paths = {"configs": config_dir, "slurm": slurm_dir, "manifest": weights_manifest}
+    paths = {"configs": config_dir, "slurm": slurm_dir, "k8s": k8s_dir, "manifest": weights_manifest}
     if args and args[0] in ("-h", "--help"):
         sys.stdout.write(__doc__.strip() + "\n")
         return 0
