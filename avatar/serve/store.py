@@ -64,8 +64,9 @@ NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs")
 _PRIVATE = ("seq", "lease_token", "report", "params", "eta_at", "cancel_requested")
 
 
-class StoreError(RuntimeError):
-    """The job store failed (database unreachable, full, read-only or corrupt): one line, no secret."""
+class StoreError(OSError):
+    """The job store failed (database unreachable, full, read-only or corrupt): one line, no secret. An ``OSError``:
+    to a caller it is a storage fault like a failed file write (the API answers 503)."""
 
 
 def new_id() -> str:
@@ -199,10 +200,14 @@ class _Sqlite:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # a failed COMMIT (disk full) may have rolled back already
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
-        self.db.execute("COMMIT")
 
     def execute(self, sql: str, args: tuple = ()):
         return self.db.execute(sql, args)
@@ -351,12 +356,19 @@ class JobStore:
         """Where an upload is written and validated before the job exists."""
         return self.root / "uploads" / f".incoming-{_checked(job_id)}"
 
-    def free_files(self, job_id: str, *, keep_result: bool = False) -> None:
-        """Remove a job's upload, resume state and (unless ``keep_result``) its video, report and segments."""
+    def segments_dir(self, job_id: str) -> Path:
+        """Where the ``segments`` strategy writes a job's finished segments (``manifest.json`` lists them)."""
+        return Path(f"{self.result_path(job_id)}.segments")
+
+    def report_path(self, job_id: str) -> Path:
+        """The full run report beside the video."""
+        return Path(f"{self.result_path(job_id)}.json")
+
+    def free_files(self, job_id: str) -> None:
+        """Remove everything stored for a job: upload, resume state, video, report, segments, temporaries."""
         result = self.result_path(job_id)
         paths = [self.upload_dir(job_id), self.staging_dir(job_id), self.resume_dir(job_id)]
-        if not keep_result:
-            paths += [result, Path(f"{result}.json"), Path(f"{result}.segments")]
+        paths += [*result.parent.glob(f"{job_id}.mp4*"), *result.parent.glob(f".{job_id}.mp4*")]
         for path in paths:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -390,13 +402,13 @@ class JobStore:
             )
         return True
 
-    def cancel(self, job_id: str) -> dict | None:
-        """Cancel a job: a queued one at once (its files freed), one in progress at its worker's next step (the worker
-        frees its files). Returns the job as it is now (None: no such job); a finished job is left as it is."""
+    def request_cancel(self, job_id: str) -> str | None:
+        """``DELETE`` of an unfinished job: a queued one is ``cancelled`` at once (its files freed), one in progress is
+        flagged and stops at its worker's next step (the worker frees its files). Returns the status after (None: no
+        such job); a finished job is left as it is."""
         if not ID_PATTERN.match(job_id or ""):
             return None
         db = self._backend
-        freed = False
         with self._guard(), db.transaction():
             found = db.rows(f"SELECT status FROM jobs WHERE id = ?{db.for_update}", (job_id,))
             if not found:
@@ -408,12 +420,32 @@ class JobStore:
                     " WHERE id = ?",
                     (job_id,),
                 )
-                freed = True
+                status = "cancelled"
             elif status == "in_progress":
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-        if freed:
+        if status == "cancelled":
             self.free_files(job_id)
-        return self.get(job_id)
+        return status
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a ``DELETE`` asked to stop this job."""
+        with self._guard():
+            rows = self._backend.rows("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,))
+        return bool(rows and rows[0]["cancel_requested"])
+
+    def set_segments(self, job_id: str, count: int | None) -> None:
+        """How many segments the job renders (``segments`` strategy; the worker's percent counts its rounds)."""
+        with self._guard():
+            self._backend.execute("UPDATE jobs SET segments = ? WHERE id = ?", (count, job_id))
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a finished (completed, failed or cancelled) job; its files are ``free_files``'s. Returns whether a
+        row went."""
+        with self._guard():
+            cur = self._backend.execute(
+                "DELETE FROM jobs WHERE id = ? AND status IN ('completed', 'failed', 'cancelled')", (job_id,)
+            )
+            return cur.rowcount == 1
 
     # --- the worker's writes (each names the lease token it got from claim_next) -------------------------------------
 
@@ -468,14 +500,25 @@ class JobStore:
                 return LOST
             return self._verdict(job_id, token)
 
-    def progress(self, job_id: str, step: int, total: int, *, token: str, eta_at: float | None = None) -> str:
-        """Denoising step ``step`` of ``total`` is done (after every step); ``eta_at``: when the denoising should end
-        (seconds since the epoch). Answers like ``heartbeat``."""
+    def progress(
+        self,
+        job_id: str,
+        step: int,
+        total: int,
+        *,
+        token: str,
+        percent: int | None = None,
+        eta_at: float | None = None,
+    ) -> str:
+        """Denoising step ``step`` of ``total`` of the current pass is done (after every step); ``percent``: of the
+        whole job (0-99; 100 is for the published video); ``eta_at``: when the denoising should end (seconds since
+        the epoch). Answers like ``heartbeat``."""
+        percent = min(99, int(100 * step / max(1, total))) if percent is None else min(99, int(percent))
         with self._guard():
             cur = self._backend.execute(
-                "UPDATE jobs SET step = ?, total = ?, eta_at = ? WHERE id = ? AND lease_token = ?"
+                "UPDATE jobs SET step = ?, total = ?, percent = ?, eta_at = ? WHERE id = ? AND lease_token = ?"
                 " AND status = 'in_progress'",
-                (step, total, eta_at, job_id, token),
+                (step, total, percent, eta_at, job_id, token),
             )
             if cur.rowcount != 1:
                 return LOST
@@ -488,7 +531,7 @@ class JobStore:
         resumed = (report.get("denoise") or {}).get("resumed_from_step")
         with self._guard():
             cur = db.execute(
-                f"UPDATE jobs SET status = 'completed', finished = {db.now}, step = total, resumed_from_step = ?,"
+                f"UPDATE jobs SET status = 'completed', finished = {db.now}, step = total, percent = 100, resumed_from_step = ?,"
                 " report = ?, error = NULL, eta_at = NULL, lease_token = NULL, lease_expires = NULL"
                 " WHERE id = ? AND lease_token = ? AND status = 'in_progress'",
                 (resumed, json.dumps(report_summary(report)), job_id, token),
@@ -517,14 +560,14 @@ class JobStore:
             )
             return cur.rowcount == 1
 
-    def cancelled(self, job_id: str, *, token: str) -> bool:
-        """The worker stopped a job whose cancel was asked for: ``cancelled``, files freed."""
+    def mark_cancelled(self, job_id: str, step: int | None, *, token: str) -> bool:
+        """The worker stopped a job whose cancel was asked for, after ``step``: ``cancelled``, files freed."""
         db = self._backend
         with self._guard():
             cur = db.execute(
-                f"UPDATE jobs SET status = 'cancelled', finished = {db.now}, eta_at = NULL, lease_token = NULL,"
-                " lease_expires = NULL WHERE id = ? AND lease_token = ? AND status = 'in_progress'",
-                (job_id, token),
+                f"UPDATE jobs SET status = 'cancelled', finished = {db.now}, step = COALESCE(?, step), eta_at = NULL,"
+                " lease_token = NULL, lease_expires = NULL WHERE id = ? AND lease_token = ? AND status = 'in_progress'",
+                (step, job_id, token),
             )
             done = cur.rowcount == 1
         if done:
@@ -569,6 +612,24 @@ class JobStore:
                     (after, int(limit)),
                 )
         return [self._public(row) for row in rows]
+
+    def page(self, limit: int = 20, after: str | None = None, order: str = "desc") -> tuple[list[dict], bool]:
+        """Up to ``limit`` jobs in the order they were accepted (``desc``: newest first), after the job ``after`` (the
+        last id of the previous page). Returns ``(jobs, has_more)``; an ``after`` that is not a job gives an empty
+        page."""
+        db, newest = self._backend, order != "asc"
+        where, args = "", ()
+        with self._guard():
+            if after is not None:
+                found = db.rows("SELECT seq FROM jobs WHERE id = ?", (after,))
+                if not found:
+                    return [], False
+                where, args = ("WHERE seq < ?" if newest else "WHERE seq > ?"), (found[0]["seq"],)
+            rows = db.rows(
+                f"SELECT *, {db.now} AS now FROM jobs {where} ORDER BY seq {'DESC' if newest else 'ASC'} LIMIT ?",
+                (*args, int(limit) + 1),
+            )
+        return [self._public(row) for row in rows[:limit]], len(rows) > limit
 
     def count_active(self) -> int:
         with self._guard():

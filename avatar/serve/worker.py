@@ -24,7 +24,9 @@ a stop request is agreed on by all ranks.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -170,6 +172,21 @@ def _next_command(store, owner: str, lease_seconds: float) -> dict | None:
     }
 
 
+def job_fraction(done: int, total: int, segments: int | None, per_round: int, manifest: Path) -> float:
+    """How much of a job's denoising is done after step ``done`` of ``total`` of the current pass: for a
+    ``segments`` job of ``segments`` segments (one round renders ``per_round``, one per data group), the rounds
+    finished before this one count too (from the segments its ``manifest.json`` lists)."""
+    step = done / max(1, total)
+    if not segments:
+        return step
+    try:
+        finished = len(json.loads(manifest.read_text())["segments"])
+    except (OSError, ValueError, KeyError, TypeError):
+        finished = 0
+    rounds = math.ceil(segments / max(1, per_round))
+    return min(1.0, (finished // max(1, per_round) + step) / rounds)
+
+
 def _local_file(path: str, data: bytes, scratch, job_id: str, name: str) -> str:
     """The upload as this rank sees it: the stored file when this rank can read it, else a private copy."""
     try:
@@ -214,18 +231,23 @@ def run_job(renderer, topo, store, preemption, command: dict, strategy: str, scr
     )
     state = StateStore(command["resume"])
     stop = JobStop(preemption)
-    pace: list[float] = []
+    pace: list[float] = []  # (time, fraction) at this attempt's first step: the ETA's pace
     if topo.is_main:
         note = f", resuming after step {spec['checkpoint_step']}" if spec.get("checkpoint_step") else ""
         log.info("job %s: rendering (attempt %d%s)", job_id, spec["attempts"], note)
 
+    manifest = Path(command["output"] + ".segments") / "manifest.json"
+
     def on_step(done: int, total: int) -> None:
         now = time.time()
+        fraction = job_fraction(done, total, spec.get("segments"), topo.data_size, manifest)
         if not pace:
-            pace.extend((now, done))
-        elapsed, steps = now - pace[0], done - pace[1]
-        eta_at = now + elapsed / steps * (total - done) if steps > 0 else None
-        verdict = _quietly(store.progress, job_id, done, total, token=token, eta_at=eta_at)
+            pace.extend((now, fraction))
+        elapsed, gained = now - pace[0], fraction - pace[1]
+        eta_at = now + elapsed / gained * (1.0 - fraction) if gained > 0 else None
+        verdict = _quietly(
+            store.progress, job_id, done, total, token=token, percent=int(100 * fraction), eta_at=eta_at
+        )
         if verdict is not None:
             stop.hear(verdict)
 
@@ -236,7 +258,7 @@ def run_job(renderer, topo, store, preemption, command: dict, strategy: str, scr
     except Preempted as halt:
         reason = topo.broadcast_object(stop.reason if topo.is_main else None)
         if reason == "cancel":
-            if topo.is_main and _quietly(store.cancelled, job_id, token=token):
+            if topo.is_main and _quietly(store.mark_cancelled, job_id, halt.step, token=token):
                 log.warning("job %s: cancelled after step %d; its files are freed", job_id, halt.step)
             return True
         if reason == "lost":
@@ -254,7 +276,10 @@ def run_job(renderer, topo, store, preemption, command: dict, strategy: str, scr
             else:
                 log.warning("job %s: failed here (%s) but is no longer this worker's; not marked failed", job_id, err)
         return True
-    if topo.is_main:
+    if topo.is_main and (stop.reason == "cancel" or _quietly(store.cancel_requested, job_id)):
+        if _quietly(store.mark_cancelled, job_id, None, token=token):  # asked for after the last step
+            log.warning("job %s: cancelled as it finished; its files are freed", job_id)
+    elif topo.is_main:
         if _quietly(store.succeed, job_id, report, token=token):
             shutil.rmtree(command["resume"], ignore_errors=True)
             log.info("job %s: completed (%s)", job_id, command["output"])

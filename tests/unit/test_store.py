@@ -129,31 +129,58 @@ def test_expired_lease_requeues_and_the_old_holder_changes_nothing(tmp_path, sto
     assert store.claim_next("alive") is None
 
 
-def test_cancel_queued_running_and_expired(tmp_path, store_url):
+def test_cancel_queued_running_and_expired_then_delete(tmp_path, store_url):
     store = _open(tmp_path, store_url)
     queued, running, orphan = _add(store), _add(store), _add(store)
-    assert store.get(queued)["status"] == "queued"
     first = store.claim_next("w", lease_seconds=30)
     assert first["id"] == queued
     assert store.requeue(queued, None, token=first["lease_token"])
-    assert store.cancel(queued)["status"] == "cancelled"  # queued: at once, files freed
+    assert store.request_cancel(queued) == "cancelled"  # queued: at once, files freed
     assert not store.upload_dir(queued).exists() and store.get(queued)["finished"] is not None
     job = store.claim_next("w", lease_seconds=30)
     assert job["id"] == running
     store.result_path(running).write_bytes(b"partial")
-    view = store.cancel(running)  # running: asked; the worker stops at its next step
-    assert view["status"] == "in_progress" and view["cancel_requested"]
+    assert not store.cancel_requested(running)
+    assert store.request_cancel(running) == "in_progress"  # running: asked; the worker stops at its next step
+    assert store.get(running)["cancel_requested"] and store.cancel_requested(running)
     assert store.progress(running, 1, 4, token=job["lease_token"]) == CANCEL
     assert store.heartbeat(running, token=job["lease_token"]) == CANCEL
-    assert store.cancelled(running, token=job["lease_token"])
-    assert store.get(running)["status"] == "cancelled"
+    assert not store.mark_cancelled(running, 1, token="not-the-token")
+    assert store.mark_cancelled(running, 1, token=job["lease_token"])
+    done = store.get(running)
+    assert done["status"] == "cancelled" and done["step"] == 1
     assert not store.upload_dir(running).exists() and not store.result_path(running).exists()
     dead = store.claim_next("dead", lease_seconds=0.3)
-    assert dead["id"] == orphan and store.cancel(orphan)["cancel_requested"]
+    assert dead["id"] == orphan and store.request_cancel(orphan) == "in_progress"
     time.sleep(0.5)
     assert store.claim_next("w") is None  # the expired, cancelled job is finished as cancelled, not run again
     assert store.get(orphan)["status"] == "cancelled" and not store.upload_dir(orphan).exists()
-    assert store.cancel(orphan)["status"] == "cancelled" and store.cancel(new_id()) is None
+    assert store.request_cancel(orphan) == "cancelled" and store.request_cancel(new_id()) is None
+    assert store.delete(orphan) and store.get(orphan) is None and not store.delete(orphan)
+    active = _add(store)
+    assert not store.delete(active) and store.get(active)["status"] == "queued"  # only finished jobs go
+
+
+def test_paging_segments_and_percent(tmp_path, store_url):
+    store = _open(tmp_path, store_url)
+    ids = [_add(store) for _ in range(5)]
+    jobs, more = store.page(2)
+    assert [j["id"] for j in jobs] == ids[:2:-1] and more
+    jobs, more = store.page(2, after=jobs[-1]["id"])
+    assert [j["id"] for j in jobs] == [ids[2], ids[1]] and more
+    jobs, more = store.page(2, after=jobs[-1]["id"])
+    assert [j["id"] for j in jobs] == [ids[0]] and not more
+    assert [j["id"] for j in store.page(3, order="asc")[0]] == ids[:3]
+    assert store.page(2, after=new_id()) == ([], False)
+    store.set_segments(ids[0], 3)
+    job = store.claim_next("w")
+    assert job["segments"] == 3 and job["percent"] == 0
+    assert store.progress(ids[0], 2, 4, token=job["lease_token"]) == HOLDS
+    assert store.get(ids[0])["percent"] == 50
+    assert store.progress(ids[0], 4, 4, token=job["lease_token"], percent=100) == HOLDS
+    assert store.get(ids[0])["percent"] == 99  # 100 only once the video is published
+    assert store.succeed(ids[0], {}, token=job["lease_token"])
+    assert store.get(ids[0])["percent"] == 100
 
 
 def test_migrations_recorded_and_checked(tmp_path, store_url):

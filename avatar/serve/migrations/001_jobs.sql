@@ -2,6 +2,8 @@
 -- jobs in the order they were accepted (SQLite: INTEGER PRIMARY KEY AUTOINCREMENT; PostgreSQL: an identity column).
 -- Times are seconds since the epoch, from the database's clock. Statuses: queued, in_progress, completed, failed,
 -- cancelled. A job in_progress holds a lease (owner, token, expiry); every update a worker makes names its token.
+-- step/total: the denoising pass in progress; percent: the whole job (0-100); eta_at: when the worker expects the
+-- denoising to end; segments: how many segments a `segments`-strategy job renders (NULL otherwise).
 CREATE TABLE jobs (
     seq $SEQ,
     id TEXT NOT NULL UNIQUE,
@@ -17,7 +19,9 @@ CREATE TABLE jobs (
     params TEXT NOT NULL DEFAULT '{}',
     step INTEGER NOT NULL DEFAULT 0,
     total INTEGER NOT NULL,
+    percent INTEGER NOT NULL DEFAULT 0,
     eta_at DOUBLE PRECISION,
+    segments INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
     checkpoint_step INTEGER,
     resumed_from_step INTEGER,
