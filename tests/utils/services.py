@@ -103,3 +103,60 @@ def wait_http(url: str, timeout: float, proc: Service | None = None) -> None:
             assert proc.proc.poll() is None, f"{proc.name} exited:\n{proc.tail()}"
         assert time.monotonic() < deadline, f"{url} did not answer within {timeout:.0f} s"
         time.sleep(0.3)
+
+
+# --- the video API, as a plain HTTP client sees it -------------------------------------------------------------------
+
+
+def post_job(url: str, image: Path, audio: Path, headers: dict | None = None, **fields) -> str:
+    """``POST /v1/videos`` (multipart); the new job's id."""
+    import httpx
+
+    with open(image, "rb") as img, open(audio, "rb") as aud:
+        files = {"image": (image.name, img), "audio": (audio.name, aud)}
+        data = {k: str(v) for k, v in fields.items()}
+        response = httpx.post(f"{url}/v1/videos", files=files, data=data, headers=headers or {}, timeout=60)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def job_status(url: str, job_id: str, headers: dict | None = None) -> dict:
+    import httpx
+
+    response = httpx.get(f"{url}/v1/videos/{job_id}", headers=headers or {}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_completed(url: str, job_ids, timeout: float, services=(), headers: dict | None = None) -> dict:
+    """Poll each job until ``completed`` (any other final status fails the test); ``{id: status}``."""
+    deadline = time.monotonic() + timeout
+    pending, done = set(job_ids), {}
+    while pending:
+        for service in services:
+            assert service.proc.poll() is None, f"{service.name} exited:\n{service.tail()}"
+        assert time.monotonic() < deadline, f"not completed: {sorted(pending)}\n" + "\n".join(
+            s.tail(1500) for s in services
+        )
+        for job_id in sorted(pending):
+            job = job_status(url, job_id, headers)
+            assert job["status"] in ("queued", "in_progress", "completed"), job
+            if job["status"] == "completed":
+                done[job_id] = job
+                pending.discard(job_id)
+        time.sleep(0.3)
+    return done
+
+
+def download(url: str, job_id: str, into: Path, headers: dict | None = None) -> Path:
+    import httpx
+
+    response = httpx.get(f"{url}/v1/videos/{job_id}/content", headers=headers or {}, timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"] == "video/mp4", response.text
+    into.write_bytes(response.content)
+    return into
+
+
+def completions(services) -> list[str]:
+    """Every ``job <id>: completed`` line of the workers' logs: the ids, once per completion."""
+    return [job for s in services for job in re.findall(r"job (vid_[0-9a-f]{24}): completed", s.text())]
