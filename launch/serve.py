@@ -58,7 +58,7 @@ def check_store(cfg: RunConfig, world_size: int) -> None:
             f"not as {world_size} ranks"
         )
     if not serve.lease_seconds > 0:
-        raise InputError(f"serve.lease_seconds={serve.lease_seconds} is invalid; give a positive number of seconds")
+        raise InputError(f"serve.lease_seconds={serve.lease_seconds:g} is invalid; give a positive number of seconds")
     try:
         check_url(store_url(cfg))
     except ValueError as err:

@@ -3,9 +3,10 @@ leases, and no job is ever rendered twice.
 
 The defect this replaces: a second server started on the same folder re-queued the first one's running job, rendered
 it again, ended it ``failed`` and left a ``.conflict`` file. Here the second server starts while the first renders a
-long job: that job stays the first server's (one attempt, one ``completed`` line, no conflict file), and jobs posted
-to either server complete. Then the server rendering a job is SIGKILLed mid-job: the other one takes the job over
-once its lease expires and resumes it from its checkpoint, with the uninterrupted video."""
+long job and renders jobs of its own meanwhile; the long job stays the first server's (one attempt, never rendered by
+the second) until it is cancelled through the store, which stops it within a step. Then the server rendering a job is
+SIGKILLed mid-job: the other one takes the job over once its lease expires and resumes it from its checkpoint, with
+the uninterrupted video."""
 
 from __future__ import annotations
 
@@ -50,22 +51,33 @@ def test_two_servers_on_one_sqlite_store(tiny_weights, cli_reference, one_second
         first.start()
         first.wait_for(READY, 300)
         store = JobStore(data)
-        # a long job on the first server, and the second server started while it renders
-        long_job = post_job(urls[0], portrait, one_second_clip, seed=1, steps=60)
+        # a long job on the first server (5 s of speech, 100 steps), and the second server started while it renders
+        long_job = post_job(urls[0], portrait, EXAMPLES / "speech_5s.wav", seed=1, steps=100)
         deadline = time.monotonic() + 120
         while (store.get(long_job) or {}).get("step", 0) < 1:
             assert time.monotonic() < deadline, first.tail()
             time.sleep(0.1)
         second.start()
         second.wait_for(READY, 300)
-        assert store.get(long_job)["status"] == "in_progress", "the long job ended before the second server was up"
         wait_http(urls[1], 30, second)
         more = [post_job(urls[1], portrait, one_second_clip, seed=20 + i, steps=2) for i in range(2)]
-        done = wait_completed(urls[1], [long_job, *more], 300, services=[first, second])
-        assert store.get(long_job)["attempts"] == 1 and done[long_job]["resumed_from_step"] is None
+        done = wait_completed(urls[1], more, 300, services=[first, second])
+        running = store.get(long_job)
+        assert running["status"] == "in_progress", ("the long job ended before the second server worked", running)
+        assert running["attempts"] == 1 and int(running["lease_owner"].rpartition(":")[2]) in first.pids()
+        assert f"job {long_job}: rendering" not in second.text()
+        # a cancel reaches the first server's group at its next step; the job is never completed, never failed
+        step = running["step"]
+        assert store.request_cancel(long_job) == "in_progress"
+        deadline = time.monotonic() + 120
+        while (job := store.get(long_job))["status"] == "in_progress":
+            assert time.monotonic() < deadline, first.tail()
+            time.sleep(0.1)
+        assert job["status"] == "cancelled" and job["attempts"] == 1 and job["step"] <= step + 2, job
+        assert not store.upload_dir(long_job).exists() and not store.result_path(long_job).exists()
         counts = Counter(completions([first, second]))
-        assert {job: counts[job] for job in [long_job, *more]} == dict.fromkeys([long_job, *more], 1), counts
-        assert f"job {long_job}: completed" in first.text()
+        assert {job: counts[job] for job in [long_job, *more]} == {long_job: 0, **dict.fromkeys(more, 1)}, counts
+        assert all(d["resumed_from_step"] is None for d in done.values())
         assert not [p.name for p in (data / "results").iterdir() if "conflict" in p.name]
 
         # SIGKILL the server rendering a job: the other takes it over after the lease
