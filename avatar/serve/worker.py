@@ -66,7 +66,14 @@ class JobStop:
 
     @property
     def requested(self) -> bool:
-        return self.reason is not None or bool(self.signals is not None and self.signals.requested)
+        return self.stop_level() > 0
+
+    def stop_level(self) -> float:
+        """0 go on; 1 preempted by a signal (checkpoint at the next resumable step, queue again); 2 cancelled or
+        lease lost (stop after this step, keep nothing: the job is dropped or belongs to another worker now)."""
+        if self.reason is not None:
+            return 2.0
+        return 1.0 if self.signals is not None and self.signals.requested else 0.0
 
     def hear(self, verdict: str) -> None:
         if verdict == LOST:

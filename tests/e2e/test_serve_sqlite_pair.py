@@ -2,14 +2,16 @@
 leases, and no job is ever rendered twice.
 
 The defect this replaces: a second server started on the same folder re-queued the first one's running job, rendered
-it again, ended it ``failed`` and left a ``.conflict`` file. Here the second server starts while the first renders a
-long job and renders jobs of its own meanwhile; the long job stays the first server's (one attempt, never rendered by
-the second) until it is cancelled through the store, which stops it within a step. Then the server rendering a job is
-SIGKILLed mid-job: the other one takes the job over once its lease expires and resumes it from its checkpoint, with
-the uninterrupted video."""
+it again, ended it ``failed`` and left a ``.conflict`` file. Here the first server is frozen (SIGSTOP, its lease
+long) in the middle of a job while the second one starts, opens the store and renders jobs of its own: the frozen
+job is never touched, and once thawed the first server completes it (one attempt, the command line's video). Then the
+second server (short lease) is SIGKILLed mid-job: the first takes the job over once that lease expires and resumes
+it from its checkpoint, with the uninterrupted video."""
 
 from __future__ import annotations
 
+import signal
+import sqlite3
 import time
 from collections import Counter
 
@@ -22,8 +24,36 @@ from tests.utils.spawn import free_port
 
 pytestmark = pytest.mark.slow
 
-LEASE = 6
 READY = r"worker \S+ \(1 rank\(s\)\) ready"
+
+
+def _wait_step(store, job_id: str, step: int, services, checkpoint: bool = False, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = store.get(job_id)
+        saved = not checkpoint or list(store.resume_dir(job_id).rglob("checkpoint.pt"))
+        if job["status"] == "in_progress" and job["step"] >= step and saved:
+            return job
+        assert job["status"] in ("queued", "in_progress"), job
+        assert time.monotonic() < deadline, "\n".join(s.tail(1500) for s in services)
+        time.sleep(0.05)
+
+
+def _freeze(service: Service, database) -> None:
+    """SIGSTOP the server, never while it holds SQLite's write lock (a frozen writer would block every other one)."""
+    for _ in range(50):
+        service.send(signal.SIGSTOP)
+        probe = sqlite3.connect(database, timeout=0.2, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            service.send(signal.SIGCONT)
+            time.sleep(0.05)
+        finally:
+            probe.close()
+    raise AssertionError("could not freeze the server outside a write")
 
 
 @pytest.mark.timeout(480)
@@ -38,67 +68,49 @@ def test_two_servers_on_one_sqlite_store(tiny_weights, cli_reference, one_second
         "sampling.steps=3",
         "checkpoint_every=1",
         f"serve.data_dir={data}",  # the store: sqlite:///<data_dir>/jobs.sqlite3
-        f"serve.lease_seconds={LEASE}",
     ]
     ports = [free_port(), free_port()]
-    first, second = (
-        Service(f"server{i}", "launch.serve", [*common, f"serve.port={port}"], tmp_path / f"server{i}.log")
-        for i, port in enumerate(ports)
-    )
+    first = Service("server0", "launch.serve", [*common, f"serve.port={ports[0]}", "serve.lease_seconds=600"],
+                    tmp_path / "server0.log")  # fmt: skip
+    second = Service("server1", "launch.serve", [*common, f"serve.port={ports[1]}", "serve.lease_seconds=6"],
+                     tmp_path / "server1.log")  # fmt: skip
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-    portrait = EXAMPLES / "portrait.jpg"
+    portrait, both = EXAMPLES / "portrait.jpg", [first, second]
     try:
         first.start()
         first.wait_for(READY, 300)
         store = JobStore(data)
-        # a long job on the first server (5 s of speech, 100 steps), and the second server started while it renders
-        long_job = post_job(urls[0], portrait, EXAMPLES / "speech_5s.wav", seed=1, steps=100)
-        deadline = time.monotonic() + 120
-        while (store.get(long_job) or {}).get("step", 0) < 1:
-            assert time.monotonic() < deadline, first.tail()
-            time.sleep(0.1)
-        second.start()
+        held = post_job(urls[0], portrait, one_second_clip, seed=REFERENCE_SEED, steps=REFERENCE_STEPS)
+        _wait_step(store, held, 1, both)
+        _freeze(first, data / "jobs.sqlite3")  # mid-job, its lease alive
+
+        second.start()  # opens the same store while the first server's job is in progress
         second.wait_for(READY, 300)
         wait_http(urls[1], 30, second)
-        more = [post_job(urls[1], portrait, one_second_clip, seed=20 + i, steps=2) for i in range(2)]
-        done = wait_completed(urls[1], more, 300, services=[first, second])
-        running = store.get(long_job)
-        assert running["status"] == "in_progress", ("the long job ended before the second server worked", running)
-        assert running["attempts"] == 1 and int(running["lease_owner"].rpartition(":")[2]) in first.pids()
-        assert f"job {long_job}: rendering" not in second.text()
-        # a cancel reaches the first server's group at its next step; the job is never completed, never failed
-        step = running["step"]
-        assert store.request_cancel(long_job) == "in_progress"
-        deadline = time.monotonic() + 120
-        while (job := store.get(long_job))["status"] == "in_progress":
-            assert time.monotonic() < deadline, first.tail()
-            time.sleep(0.1)
-        assert job["status"] == "cancelled" and job["attempts"] == 1 and job["step"] <= step + 2, job
-        assert not store.upload_dir(long_job).exists() and not store.result_path(long_job).exists()
-        counts = Counter(completions([first, second]))
-        assert {job: counts[job] for job in [long_job, *more]} == {long_job: 0, **dict.fromkeys(more, 1)}, counts
-        assert all(d["resumed_from_step"] is None for d in done.values())
-        assert not [p.name for p in (data / "results").iterdir() if "conflict" in p.name]
+        own = [post_job(urls[1], portrait, one_second_clip, seed=20 + i, steps=2) for i in range(2)]
+        wait_completed(urls[1], own, 300, services=[second])
+        job = store.get(held)
+        assert job["status"] == "in_progress" and job["attempts"] == 1, job
+        assert int(job["lease_owner"].rpartition(":")[2]) in first.pids()
+        assert f"job {held}: rendering" not in second.text()
 
-        # SIGKILL the server rendering a job: the other takes it over after the lease
-        job_id = post_job(urls[0], portrait, one_second_clip, seed=REFERENCE_SEED, steps=REFERENCE_STEPS)
-        deadline = time.monotonic() + 120
-        while True:
-            job = store.get(job_id)
-            if job["status"] == "in_progress" and job["step"] >= 2 and list(store.resume_dir(job_id).rglob("*.pt")):
-                break
-            assert time.monotonic() < deadline, first.tail() + second.tail()
-            time.sleep(0.05)
-        owner_pid = int(job["lease_owner"].rpartition(":")[2])
-        victim, survivor = (first, second) if owner_pid in first.pids() else (second, first)
-        survivor_url = urls[1] if victim is first else urls[0]
-        victim.kill()
-        taken = wait_completed(survivor_url, [job_id], 180, services=[survivor])[job_id]
-        assert store.get(job_id)["attempts"] == 2
-        assert taken["resumed_from_step"] is not None and taken["resumed_from_step"] >= 1, taken
-        assert Counter(completions([first, second]))[job_id] == 1
-        frames = read_frames(download(survivor_url, job_id, tmp_path / "taken-over.mp4"))
-        np.testing.assert_array_equal(frames, read_frames(cli_reference))
+        # the second server, mid-job, SIGKILLed; the first thawed: it finishes its job, then takes the other over
+        taken = post_job(urls[1], portrait, one_second_clip, seed=REFERENCE_SEED, steps=REFERENCE_STEPS)
+        job = _wait_step(store, taken, 2, both, checkpoint=True)
+        assert int(job["lease_owner"].rpartition(":")[2]) in second.pids()
+        second.kill()
+        first.send(signal.SIGCONT)
+        done = wait_completed(urls[0], [held, taken], 240, services=[first])
+        assert store.get(held)["attempts"] == 1 and done[held]["resumed_from_step"] is None
+        assert store.get(taken)["attempts"] == 2 and (done[taken]["resumed_from_step"] or 0) >= 1, done[taken]
+        assert f"job {taken}: the lease of {job['lease_owner']} expired" in first.text()
+        counts = Counter(completions(both))
+        assert {j: counts[j] for j in [held, *own, taken]} == dict.fromkeys([held, *own, taken], 1), counts
+        reference = read_frames(cli_reference)
+        for job_id in (held, taken):
+            frames = read_frames(download(urls[0], job_id, tmp_path / f"{job_id}.mp4"))
+            np.testing.assert_array_equal(frames, reference)
+        assert not [p.name for p in (data / "results").iterdir() if "conflict" in p.name]
         store.close()
     finally:
         first.kill()

@@ -73,15 +73,20 @@ class Service:
     def pids(self) -> list[int]:
         return tree(self.proc.pid) if self.proc is not None and self.proc.poll() is None else []
 
-    def kill(self, signum: int = signal.SIGKILL) -> None:
-        """``signum`` to the whole tree (ranks first, then the launcher); waits for the launcher to end."""
-        if self.proc is None:
-            return
+    def send(self, signum: int) -> None:
+        """``signum`` to the whole tree (ranks first, then the launcher)."""
         for pid in reversed(self.pids()):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        """``signum`` to the whole tree; waits for the launcher to end."""
+        if self.proc is None:
+            return
+        self.send(signal.SIGCONT)  # a stopped process would not die of SIGTERM
+        self.send(signum)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
