@@ -93,8 +93,8 @@ def test_twelve_jobs_on_two_fronts_three_workers(cluster, cli_reference, one_sec
 
     urls, workers, store = cluster["urls"], cluster["workers"], cluster["store"]
     portrait = EXAMPLES / "portrait.jpg"
-    # even jobs: the reference (seed, steps) of the command line; odd jobs: other seeds, 2 steps
-    specs = [(REFERENCE_SEED, REFERENCE_STEPS) if i % 2 == 0 else (100 + i, 2) for i in range(12)]
+    # every third job: the reference (seed, steps) of the command line; the others: their own seeds, 2 steps
+    specs = [(REFERENCE_SEED, REFERENCE_STEPS) if i % 3 == 0 else (100 + i, 2) for i in range(12)]
     with ThreadPoolExecutor(4) as pool:
         ids = list(
             pool.map(
@@ -117,7 +117,7 @@ def test_twelve_jobs_on_two_fronts_three_workers(cluster, cli_reference, one_sec
     others = []
     for i, job in enumerate(ids):
         frames = read_frames(download(urls[i % 2 - 1], job, tmp_path / f"{job}.mp4"))
-        if i % 2 == 0:
+        if i % 3 == 0:
             np.testing.assert_array_equal(frames, reference)
         else:
             assert frames.shape == reference.shape
