@@ -13,13 +13,14 @@ data folder (``serve.data_dir``: uploads, results, resume state; shared storage)
 (``serve.lease_seconds``), so a worker that dies mid-job hands it to the next one, which resumes it from its last
 checkpoint. The settings are checked before anything is built (bad ones: one line, exit 2): the plan for this world
 size, the weights, the ``serve`` section (a non-loopback ``serve.host`` needs ``serve.api_key``), the store (opened
-and migrated by rank 0) and the address, which rank 0 binds before the models load. SIGTERM/SIGUSR1 (or Ctrl-C)
+and migrated by rank 0), the API key (``serve.api_key``, ``serve.api_key_file`` or ``AVATAR_API_KEY``) and the address, which rank 0 binds before the models load. SIGTERM/SIGUSR1 (or Ctrl-C)
 finishes or checkpoints the running job and exits (75 when a job was checkpointed and queued again).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -29,13 +30,31 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from avatar.compose import compose
+from avatar.compose import compose, help_text, wants_help
 from avatar.config import RunConfig, ServeRole
 from avatar.io.errors import EXIT_BAD_INPUT, InputError
 from avatar.plan import ParallelPlan
 from launch.log import setup_logging
 
 log = logging.getLogger("launch.serve")
+
+#: The API key from the environment (when neither ``serve.api_key`` nor ``serve.api_key_file`` is given): not in
+#: ``ps``, and any UTF-8 text (the command-line grammar takes no ``=``, ``,`` or ``#`` in a value).
+API_KEY_ENV = "AVATAR_API_KEY"
+
+HELP = help_text(
+    "python -m launch.serve | torchrun --nproc_per_node=N -m launch.serve",
+    "Load the models once and render posted jobs over HTTP (the OpenAI video API's shape: POST /v1/videos, GET\n"
+    "/v1/videos/ID, /content, DELETE, /events, /report; docs/serve.md). Jobs live in serve.store (default: SQLite in\n"
+    "serve.data_dir); the same command continues the queue after a stop. serve.role=api: the HTTP front end only;\n"
+    "serve.role=worker (launch.worker): a worker group only; any number of each share one store (docs/workers.md).",
+    [
+        "python -m launch.serve model=tiny weights=weights/tiny serve.port=8000",
+        "torchrun --nproc_per_node=8 -m launch.serve model=hunyuan_avatar serve.host=0.0.0.0 serve.api_key_file=key",
+        "python -m launch.serve serve.role=api model=hunyuan_avatar serve.store=postgresql://avatar@db/avatar "
+        "serve.data_dir=/shared/serve",
+    ],
+)
 
 #: Signals that stop the server (after the running job's next step boundary).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -72,18 +91,18 @@ def open_store(cfg: RunConfig):
     try:
         return JobStore(cfg.serve.data_dir, store_url(cfg))
     except StoreError as err:
-        raise InputError(str(err)) from None
+        raise InputError(f"the job store cannot be used: {err}") from None
 
 
 def prepare(argv: list[str] | None) -> tuple[RunConfig, ParallelPlan | None]:
     """Compose and check everything that needs no model, resolving the one plan (None for ``serve.role=api``);
     raises InputError."""
     from avatar.plan import resolve_plan
-    from avatar.serve.app import check_serve
+    from avatar.serve.app import check_serve, with_api_key
     from avatar.validate import check_weights as validate_weights
     from launch.dist import peek_rank, read_env
 
-    cfg = compose(argv)
+    cfg = with_api_key(compose(argv), os.environ.get(API_KEY_ENV))
     _, world_size, _, gpus_per_node = read_env()
     if cfg.serve.role != ServeRole.worker:
         check_serve(cfg)
@@ -98,7 +117,7 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, ParallelPlan | None]:
     except OSError as err:
         raise InputError(f"serve.data_dir={data_dir} cannot be created: {err.strerror or err}") from None
     if peek_rank() == 0:
-        open_store(cfg).close()  # reachable, writable, migrated: before any model is loaded
+        open_store(cfg).close()  # reachable, writable, migrated (a corrupt store: one line): before any model
     return cfg, plan
 
 
@@ -223,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     from avatar.serve.app import bind
     from launch.dist import peek_rank
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        sys.stdout.write(HELP)
+        return 0
     setup_logging(peek_rank())
     try:
         cfg, plan = prepare(argv)

@@ -12,10 +12,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from avatar.compose import wants_help
     from launch.serve import main as serve_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    return serve_main([*argv, "serve.role=worker"])
+    return serve_main(argv if wants_help(argv) else [*argv, "serve.role=worker"])
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class Resume:
 
     def stop_requested(self) -> bool:
         """True on every rank of the group once any of them received a preemption signal (a collective). A
-        ``preemption`` object with ``stop_level()`` (the server's ``JobWatch``) may also answer 2: the job is
+        ``preemption`` object with ``stop_level()`` (the server worker's ``JobStop``) may also answer 2: the job is
         cancelled, so every rank stops after this step with no checkpoint (``discard``), cached step or not."""
         if self.preemption is None or self._stop:
             return self._stop

@@ -65,7 +65,8 @@ MIB = 1 << 20
 BODY_SLACK = MIB
 MAX_PROMPT_CHARS = 4000
 FIELDS = ("image", "audio", "prompt", "seed", "steps", "model")
-#: The API's names of the store's statuses (the store says ``running`` / ``succeeded``).
+#: The API's names of the store's statuses (the store keeps the API's own words since its migrations; older
+#: spellings are mapped for safety).
 API_STATUS = {"running": "in_progress", "succeeded": "completed"}
 FINISHED = ("completed", "failed", "cancelled")
 #: How often an event stream looks at the job, and how often it sends a keep-alive comment.
@@ -620,17 +621,6 @@ def create_app(
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     return app
-
-
-def check_store(cfg: RunConfig) -> None:
-    """Before anything is built (rank 0): the job store opens; a corrupt or unusable one raises InputError."""
-    try:
-        JobStore(cfg.serve.state_dir).close()
-    except storage_errors() as err:
-        raise InputError(
-            f"serve.state_dir={cfg.serve.state_dir}: the job store cannot be used ({describe_fault(err)}); "
-            "move it away to start with an empty queue"
-        ) from None
 
 
 # --- the API key ----------------------------------------------------------------------------------------------------

@@ -60,8 +60,9 @@ class JobStop:
     """What a render obeys as its preemption: this process's signal, or the store's word (set by the heartbeat or
     a progress update on rank 0: ``cancel`` or ``lost``)."""
 
-    def __init__(self, signals) -> None:
+    def __init__(self, signals, job_id: str = "") -> None:
         self.signals = signals
+        self.job_id = job_id
         self.reason: str | None = None
 
     @property
@@ -80,6 +81,7 @@ class JobStop:
             self.reason = "lost"
         elif verdict == CANCEL and self.reason is None:
             self.reason = "cancel"
+            log.warning("job %s: cancel requested; stopping after this step", self.job_id)
 
 
 class Heartbeat:
@@ -237,7 +239,7 @@ def run_job(renderer, topo, store, preemption, command: dict, strategy: str, scr
         videoid=job_id,
     )
     state = StateStore(command["resume"])
-    stop = JobStop(preemption)
+    stop = JobStop(preemption, job_id)
     pace: list[float] = []  # (time, fraction) at this attempt's first step: the ETA's pace
     if topo.is_main:
         note = f", resuming after step {spec['checkpoint_step']}" if spec.get("checkpoint_step") else ""

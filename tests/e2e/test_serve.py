@@ -114,7 +114,7 @@ def server(tiny_weights, tmp_path_factory):
         f"weights={tiny_weights}",
         "sampling.steps=3",
         "serve.port=0",
-        f"serve.state_dir={folder / 'state'}",
+        f"serve.data_dir={folder / 'state'}",
         f"serve.api_key={KEY}",
     ]
     srv = Server(args, folder / "state", folder / "server.log")

@@ -48,7 +48,7 @@ def server(tiny_weights, tmp_path_factory):
         f"model.window_frames={WINDOW}",
         "sampling.steps=3",
         "serve.port=0",
-        f"serve.state_dir={state}",
+        f"serve.data_dir={state}",
     ]
     assert not any(KEY in a for a in args)
     srv = Server(args, state, folder / "server.log", extra_env={"AVATAR_API_KEY": KEY})

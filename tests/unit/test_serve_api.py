@@ -143,11 +143,12 @@ def test_paging_delete_events_and_report(client):
 
     # a completed job: content, report, 100 %, and no segments (not a segments job)
     done = ids[2]
-    client.store.claim_next()
+    lease = client.store.claim_next()
+    assert lease["id"] == done
     client.store.claim_next()
     client.store.result_path(done).write_bytes(b"mp4")
     client.store.report_path(done).write_text(json.dumps({"num_frames": 25}))
-    client.store.succeed(done, {"num_frames": 25})
+    assert client.store.succeed(done, {"num_frames": 25}, token=lease["lease_token"])
     view = client.http.get(f"/v1/videos/{done}", headers=KEY).json()
     assert view["status"] == "completed" and view["progress"] == 100 and view["urls"]["report"].endswith("/report")
     assert client.http.get(view["urls"]["report"], headers=KEY).json() == {"num_frames": 25}
@@ -194,7 +195,7 @@ def test_api_key_from_file_or_environment_any_utf8(tmp_path, tiny_weights, monke
     from launch.serve import main, prepare
 
     secret = "k=ey,with#hash ünï 🔑"
-    args = ["model=tiny", f"weights={tiny_weights}", f"serve.state_dir={tmp_path / 's'}"]
+    args = ["model=tiny", f"weights={tiny_weights}", f"serve.data_dir={tmp_path / 's'}"]
     monkeypatch.setenv("AVATAR_API_KEY", secret)
     cfg, _ = prepare(args)
     assert cfg.serve.api_key == secret
@@ -321,6 +322,6 @@ def test_a_corrupt_store_stops_the_server_in_one_line(tmp_path, tiny_weights, ca
     state = tmp_path / "state"
     state.mkdir()
     (state / "jobs.sqlite3").write_bytes(b"this is not a database" * 200)
-    assert main(["model=tiny", f"weights={tiny_weights}", f"serve.state_dir={state}"]) == 2
+    assert main(["model=tiny", f"weights={tiny_weights}", f"serve.data_dir={state}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "the job store cannot be used" in err and "file is not a database" in err, err

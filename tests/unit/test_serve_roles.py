@@ -28,7 +28,8 @@ def test_roles_leases_and_stores_are_checked_first(tiny_weights, tmp_path, capsy
     closed = f"postgresql://avatar:hunter2@127.0.0.1:{free_port()}/avatar"
     assert worker_main([*args, f"serve.store={closed}"]) == 2  # unreachable: before any model is loaded
     err = capsys.readouterr().err
-    assert err.startswith("error: job store postgresql://avatar:***@127.0.0.1:") and "hunter2" not in err
+    assert err.startswith("error: the job store cannot be used: job store postgresql://avatar:***@127.0.0.1:")
+    assert "hunter2" not in err
     assert err.count("\n") == 1
     assert main([*args, "serve.role=bogus"]) == 2
     assert "serve.role" in capsys.readouterr().err
