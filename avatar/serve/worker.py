@@ -222,6 +222,14 @@ def _quietly(call, *args, **kwargs):
 def run_job(renderer, topo, store, preemption, command: dict, strategy: str, scratch, lease_seconds: float) -> bool:
     """Render one job on every rank. Returns False when it was preempted by a signal (checkpointed and queued
     again): the loop then ends."""
+    try:
+        return _run_job(renderer, topo, store, preemption, command, strategy, scratch, lease_seconds)
+    finally:
+        if not topo.is_main:  # this rank's private copies of the uploads
+            shutil.rmtree(Path(scratch.name) / command["job"]["id"], ignore_errors=True)
+
+
+def _run_job(renderer, topo, store, preemption, command: dict, strategy: str, scratch, lease_seconds: float) -> bool:
     spec = command["job"]
     job_id, token = spec["id"], spec["lease_token"]
     image, audio = command["image"], command["audio"]
@@ -294,6 +302,4 @@ def run_job(renderer, topo, store, preemption, command: dict, strategy: str, scr
             log.info("job %s: completed (%s)", job_id, command["output"])
         else:
             log.warning("job %s: finished, but the lease was lost; the job's holder records it", job_id)
-    else:
-        shutil.rmtree(Path(scratch.name) / job_id, ignore_errors=True)
     return True
