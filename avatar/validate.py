@@ -107,9 +107,32 @@ def _positive(name: str, value, allow_zero: bool = False, allow_none: bool = Fal
         raise InputError(f"{name}={value!r} is invalid; give a number {need}")
 
 
-def check_config(cfg: RunConfig) -> None:
-    """The rules between fields of the config (no files opened)."""
+def check_host(cfg: RunConfig) -> None:
+    """What the config needs of this machine: a visible CUDA device for ``device=cuda``, fp8 tensor cores for
+    ``fp8_compute``, and the optional packages of ``attention.kernel`` and ``attention.backend``."""
     from avatar.attention.sage import check_kernel
+
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
+    _check_fp8_compute(cfg)
+    check_kernel(cfg.attention.kernel, str(cfg.device))
+    if cfg.attention.kernel == "flash" and importlib.util.find_spec("flash_attn") is None:
+        raise InputError(
+            "attention.kernel=flash needs the flash-attn package; install it or use attention.kernel=sdpa"
+        )
+    if cfg.attention.backend == "xfuser" and importlib.util.find_spec("xfuser") is None:
+        raise InputError(
+            "attention.backend=xfuser needs the xfuser package (pip install .[xdit]); or use attention.backend=native"
+        )
+
+
+def check_config(cfg: RunConfig, host: bool = True) -> None:
+    """The rules between fields of the config (no files opened); with ``host``, also what this machine must have for
+    them (``check_host``). The server checks its host once at start-up and each request's fields with
+    ``host=False``."""
     from avatar.pipeline.adaptive import check_cache_settings
 
     check_seed(cfg.seed)
@@ -143,22 +166,9 @@ def check_config(cfg: RunConfig) -> None:
     from avatar.memory.apply import check_placement
 
     check_placement(cfg)
-    if cfg.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError("device=cuda but no CUDA device is visible here; use device=auto or device=cpu")
-    _check_fp8_compute(cfg)
-    check_kernel(cfg.attention.kernel, str(cfg.device))
     check_cache_settings(s)
-    if cfg.attention.kernel == "flash" and importlib.util.find_spec("flash_attn") is None:
-        raise InputError(
-            "attention.kernel=flash needs the flash-attn package; install it or use attention.kernel=sdpa"
-        )
-    if cfg.attention.backend == "xfuser" and importlib.util.find_spec("xfuser") is None:
-        raise InputError(
-            "attention.backend=xfuser needs the xfuser package (pip install .[xdit]); or use attention.backend=native"
-        )
+    if host:
+        check_host(cfg)
     if cfg.batch.manifest:
         if cfg.image or cfg.audio.path:
             raise InputError(

@@ -99,10 +99,12 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, ParallelPlan | None]:
     raises InputError."""
     from avatar.plan import resolve_plan
     from avatar.serve.app import check_serve, with_api_key
+    from avatar.validate import check_config
     from avatar.validate import check_weights as validate_weights
     from launch.dist import peek_rank, read_env
 
     cfg = with_api_key(compose(argv), os.environ.get(API_KEY_ENV))
+    check_config(cfg, host=cfg.serve.role != ServeRole.api)  # requests are checked with host=False
     _, world_size, _, gpus_per_node = read_env()
     if cfg.serve.role != ServeRole.worker:
         check_serve(cfg)

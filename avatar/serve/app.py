@@ -145,7 +145,7 @@ def request_config(cfg: RunConfig, form) -> RunConfig:
     steps = _int_field("steps", form.get("steps"), cfg.sampling.steps)
     ours = replace(cfg, prompt=prompt, seed=seed, sampling=replace(cfg.sampling, steps=steps))
     try:
-        check_config(ours)
+        check_config(ours, host=False)
     except InputError as err:
         raise HTTPProblem(400, str(err).replace("sampling.steps=", "steps=")) from None
     if steps > cfg.serve.max_steps:
