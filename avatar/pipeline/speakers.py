@@ -1,0 +1,557 @@
+"""Several speakers in one video: the input contract, the face assignment, the disjoint masks, the per-latent-frame
+(time-switched) masks and the soundtrack mix. Pure functions and frozen dataclasses except :func:`read_speakers` and
+:func:`load_speaker_audio` (which read files); no model is built here, so every bad input stops before any model.
+
+**Contract.** ``speakers=PATH.json`` holds either
+
+- a list ``[{"audio": "a.wav", "face": "auto" | [x0, y0, x1, y1], "name": "Ann"}, ...]``: one track per speaker
+  (the video lasts as long as the longest track; shorter ones are padded with silence), or
+- an object ``{"audio": "both.wav", "speakers": [{"face": ..., "turns": [[start_s, end_s], ...], "name": ...}]}``:
+  one shared recording, each speaker's ``turns`` saying when that speaker talks (``audio=PATH`` on the command line
+  may give the shared recording instead, with the list form).
+
+Relative paths are relative to the JSON file's folder. A face box is in pixels of the input image; ``"auto"`` takes
+the detector's faces left to right (a lone ``"auto"`` speaker takes the largest face, as the official pipeline does).
+
+**Masks.** Each face box is expanded like the official mask box (×3 around its centre, clipped to the image) and
+bilinear-resized to the latent grid; where boxes overlap, each latent pixel goes to the speaker whose face centre is
+nearest, so every token belongs to at most one speaker. One speaker gets exactly the official single-face mask.
+
+**Turns.** Latent frame ``j`` covers video frames ``4j−3..4j`` (frame 0 alone for ``j = 0``); a speaker's mask is on
+in latent frame ``j`` when one of those frames (``[f/25, (f+1)/25)`` s) overlaps one of its turns, off otherwise. The
+masks are ``[1, S, T, h, w]`` over the whole video and sliced per window like the audio (:func:`window_masks`).
+
+**Soundtrack.** The muxed audio is the sum of the padded tracks, scaled by one common gain when the sum would pass
+``MIX_PEAK`` (never clipped); every track's gain is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from avatar.io.errors import InputError
+
+Box = tuple[float, float, float, float]
+
+#: Keys of one speaker object and of the top-level object form.
+SPEAKER_KEYS = ("audio", "face", "name", "turns")
+TOP_KEYS = ("audio", "speakers")
+#: Peak of the mixed soundtrack (full scale is 1.0): a 0.18 dB margin so that the AAC encode does not clip either.
+MIX_PEAK = 0.98
+#: The official mask box: the face box scaled this many times in width and height around its centre.
+MASK_AREA = 3.0
+VIDEO_FRAMES_PER_LATENT = 4
+
+
+# --- the contract -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Speaker:
+    """One speaker: ``index`` (0-based, in file order), ``name``, its own ``audio`` track (None with turns),
+    ``face`` (``"auto"`` or a box in input-image pixels) and ``turns`` (seconds, None without)."""
+
+    index: int
+    name: str
+    face: str | Box
+    audio: str | None = None
+    turns: tuple[tuple[float, float], ...] | None = None
+
+    @property
+    def label(self) -> str:
+        """How error messages name the speaker: ``speaker 2 ("Bob")``."""
+        return f'speaker {self.index + 1} ("{self.name}")'
+
+
+@dataclass(frozen=True)
+class SpeakerSpec:
+    """The validated contents of ``speakers=`` (``source`` names it in messages: the file, ``speakers`` of a batch
+    row, the API argument)."""
+
+    source: str
+    speakers: tuple[Speaker, ...]
+    shared_audio: str | None = None
+
+    @property
+    def turns(self) -> bool:
+        """One shared recording with per-speaker turns (time-switched masks)."""
+        return self.shared_audio is not None
+
+    @property
+    def tracks(self) -> list[str]:
+        """The audio files to decode, in order: the shared recording, or one per speaker."""
+        return [self.shared_audio] if self.turns else [s.audio for s in self.speakers]
+
+    def __len__(self) -> int:
+        return len(self.speakers)
+
+    def as_dict(self) -> dict:
+        """Plain data (absolute paths): what the resume key and the report record."""
+        out: dict = {
+            "speakers": [
+                {
+                    "name": s.name,
+                    "face": s.face if isinstance(s.face, str) else list(s.face),
+                    **({"audio": s.audio} if s.audio is not None else {}),
+                    **({"turns": [list(t) for t in s.turns]} if s.turns is not None else {}),
+                }
+                for s in self.speakers
+            ]
+        }
+        if self.shared_audio is not None:
+            out["audio"] = self.shared_audio
+        return out
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _path(value, base: Path) -> str:
+    return os.path.abspath(value if os.path.isabs(value) else base / value)
+
+
+def parse_speakers(data, source: str, base_dir: str | Path = ".", shared_audio: str | None = None) -> SpeakerSpec:
+    """Validate plain data (the JSON's contents, an API list or a batch row's value) into a ``SpeakerSpec``; every
+    problem is one ``InputError`` line naming ``source``, the speaker and the field. ``shared_audio``: the recording
+    of ``audio=`` (turns given in the list form)."""
+    base = Path(base_dir)
+    where = f"speakers={source}"
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - set(TOP_KEYS))
+        if unknown:
+            raise InputError(f"{where}: unknown key {unknown[0]!r}; the object form has 'audio' and 'speakers'")
+        if "speakers" not in data:
+            raise InputError(f"{where}: the object form needs 'speakers': a list of speaker objects")
+        top_audio = data.get("audio")
+        if top_audio is not None:
+            if shared_audio is not None:
+                raise InputError(f"{where}: 'audio' is given both in the file and as audio=; give it once")
+            if not isinstance(top_audio, str) or not top_audio:
+                raise InputError(f"{where}: 'audio' must be the path of the shared recording, got {top_audio!r}")
+            shared_audio = _path(top_audio, base)
+        entries = data["speakers"]
+    else:
+        entries = data
+    if not isinstance(entries, list):
+        raise InputError(
+            f'{where}: expected a list of speakers [{{"audio": ..., "face": ...}}, ...], got {type(entries).__name__}'
+        )
+    if not entries:
+        raise InputError(f"{where}: the list of speakers is empty; give at least one speaker")
+    speakers = [_parse_speaker(entry, i, where, base) for i, entry in enumerate(entries)]
+    with_turns = [s for s in speakers if s.turns is not None]
+    with_audio = [s for s in speakers if s.audio is not None]
+    if shared_audio is not None or with_turns:
+        if shared_audio is None:
+            raise InputError(
+                f'{where}: {with_turns[0].label} turns: turns need one shared recording: give "audio" at the top of '
+                'the file ({"audio": ..., "speakers": [...]}) or audio=PATH'
+            )
+        if with_audio:
+            raise InputError(
+                f"{where}: {with_audio[0].label} audio: with a shared recording the speakers have turns, not tracks; "
+                "drop its 'audio' or the shared one"
+            )
+        missing = [s for s in speakers if s.turns is None]
+        if missing:
+            raise InputError(
+                f"{where}: {missing[0].label} turns: missing; with a shared recording every speaker needs turns"
+            )
+    else:
+        missing = [s for s in speakers if s.audio is None]
+        if missing:
+            raise InputError(f"{where}: {missing[0].label} audio: missing; give the path of this speaker's track")
+    names: dict[str, Speaker] = {}
+    for s in speakers:
+        if s.name in names:
+            raise InputError(f"{where}: {s.label} name: {names[s.name].label} has the same name; names must differ")
+        names[s.name] = s
+    return SpeakerSpec(source=source, speakers=tuple(speakers), shared_audio=shared_audio)
+
+
+def _parse_speaker(entry, index: int, where: str, base: Path) -> Speaker:
+    label = f"speaker {index + 1}"
+    if not isinstance(entry, dict):
+        raise InputError(f'{where}: {label}: expected an object {{"audio": ..., "face": ...}}, got {entry!r}')
+    name = entry.get("name", f"speaker {index + 1}")
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"{where}: {label} name: {name!r} must be a non-empty string")
+    label = f'speaker {index + 1} ("{name}")'
+    unknown = sorted(set(entry) - set(SPEAKER_KEYS))
+    if unknown:
+        raise InputError(f"{where}: {label} {unknown[0]}: unknown field; valid fields are {', '.join(SPEAKER_KEYS)}")
+    audio = entry.get("audio")
+    if audio is not None:
+        if not isinstance(audio, str) or not audio:
+            raise InputError(f"{where}: {label} audio: {audio!r} must be the path of a speech file")
+        audio = _path(audio, base)
+    if "face" not in entry:
+        raise InputError(f'{where}: {label} face: missing; give "auto" or [x0, y0, x1, y1] in pixels of the image')
+    face = entry["face"]
+    if isinstance(face, str):
+        if face != "auto":
+            raise InputError(
+                f'{where}: {label} face: {face!r}; give "auto" or [x0, y0, x1, y1] in pixels of the image'
+            )
+    else:
+        if not isinstance(face, list) or len(face) != 4 or not all(_number(v) for v in face):
+            raise InputError(
+                f'{where}: {label} face: {face!r}; give "auto" or four numbers [x0, y0, x1, y1] in pixels of the image'
+            )
+        x0, y0, x1, y1 = (float(v) for v in face)
+        if not (x0 < x1 and y0 < y1):
+            raise InputError(f"{where}: {label} face: {face} is empty; a box needs x0 < x1 and y0 < y1")
+        face = (x0, y0, x1, y1)
+    turns = entry.get("turns")
+    if turns is not None:
+        if not isinstance(turns, list) or not turns:
+            raise InputError(f"{where}: {label} turns: {turns!r}; give a non-empty list [[start_s, end_s], ...]")
+        parsed = []
+        for turn in turns:
+            if not isinstance(turn, list) or len(turn) != 2 or not all(_number(v) for v in turn):
+                raise InputError(f"{where}: {label} turns: {turn!r} is not a pair [start_s, end_s] of seconds")
+            start, end = float(turn[0]), float(turn[1])
+            if not 0 <= start < end:
+                raise InputError(f"{where}: {label} turns: {turn} needs 0 <= start < end (seconds)")
+            parsed.append((start, end))
+        turns = tuple(sorted(parsed))
+    return Speaker(index=index, name=name, face=face, audio=audio, turns=turns)
+
+
+def read_speakers(path, shared_audio: str | None = None) -> SpeakerSpec:
+    """Read and validate ``speakers=PATH.json`` (strict JSON: no comments, no trailing commas, no NaN)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"speakers={path}: file not found; give a JSON file listing the speakers")
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not valid JSON")
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle, parse_constant=refuse)
+    except UnicodeDecodeError as err:
+        raise InputError(f"speakers={path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"speakers={path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        ) from None
+    except ValueError as err:
+        raise InputError(f"speakers={path}: not valid JSON: {err}") from None
+    shared = os.path.abspath(shared_audio) if shared_audio else None
+    return parse_speakers(data, path, Path(path).resolve().parent, shared)
+
+
+# --- faces --------------------------------------------------------------------------------------------------------
+
+
+def _fmt_box(box) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in box) + "]"
+
+
+def _centre(box: Box) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def _inside(point: tuple[float, float], box: Box) -> bool:
+    return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
+
+
+def _area(box: Box) -> float:
+    return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
+
+
+@dataclass(frozen=True)
+class FaceLayout:
+    """Every speaker's face box in rendered pixels (``boxes``) and in input-image pixels (``input_boxes``);
+    ``faces`` the detector's boxes (rendered pixels, best first); ``found`` False when a lone ``"auto"`` speaker
+    found no face (then the mask is the whole image, as the single-speaker path does)."""
+
+    boxes: tuple[Box | None, ...]
+    input_boxes: tuple[Box | None, ...]
+    faces: tuple[Box, ...]
+    found: bool = True
+
+
+def resolve_faces(
+    spec: SpeakerSpec,
+    input_size: tuple[int, int],
+    rendered_size: tuple[int, int],
+    detected: list[Box],
+    image: str = "the image",
+) -> FaceLayout:
+    """Assign a face box to every speaker. ``detected``: the detector's faces on the rendered image (best first).
+    Given boxes must lie inside the input image; ``"auto"`` speakers take the detected faces that no given box is on,
+    left to right in list order; two speakers on one face (a box's centre inside another's box) is an error."""
+    where = f"speakers={spec.source}"
+    in_w, in_h = input_size
+    out_w, out_h = rendered_size
+    sx, sy = out_w / in_w, out_h / in_h
+    boxes: list[Box | None] = [None] * len(spec)
+    for s in spec.speakers:
+        if isinstance(s.face, str):
+            continue
+        x0, y0, x1, y1 = s.face
+        if x0 < 0 or y0 < 0 or x1 > in_w or y1 > in_h:
+            raise InputError(
+                f"{where}: {s.label} face: {_fmt_box(s.face)} is outside {image} ({in_w}x{in_h} px); a box must lie "
+                f"within [0, 0, {in_w}, {in_h}]"
+            )
+        boxes[s.index] = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+    auto = [s for s in spec.speakers if s.face == "auto"]
+    found = True
+    if auto:
+        given = [b for b in boxes if b is not None]
+        free = [f for f in detected if not any(_inside(_centre(f), b) or _inside(_centre(b), f) for b in given)]
+        if len(spec) == 1:
+            # The official single-face pick: the largest face (none: the whole image).
+            if free:
+                boxes[0] = max(free, key=_area)
+            else:
+                found = False
+        else:
+            if len(auto) > len(free):
+                taken = len(detected) - len(free)
+                extra = f", {taken} of them under given boxes" if taken else ""
+                raise InputError(
+                    f'{where}: {auto[len(free)].label} face: "auto" but {image} has {len(detected)} detected '
+                    f'face(s){extra} for {len(auto)} "auto" speaker(s); give this speaker\'s face as [x0, y0, x1, y1]'
+                )
+            for s, face in zip(auto, sorted(free, key=lambda f: _centre(f)[0])):
+                boxes[s.index] = face
+    placed = [(s, boxes[s.index]) for s in spec.speakers if boxes[s.index] is not None]
+    for i, (a, box_a) in enumerate(placed):
+        for b, box_b in placed[i + 1 :]:
+            if _inside(_centre(box_b), box_a) or _inside(_centre(box_a), box_b):
+                raise InputError(
+                    f"{where}: {b.label} face: on the same face as {a.label} (one box's centre lies inside the "
+                    "other); give every speaker their own face"
+                )
+    input_boxes = tuple(None if b is None else (b[0] / sx, b[1] / sy, b[2] / sx, b[3] / sy) for b in boxes)
+    return FaceLayout(boxes=tuple(boxes), input_boxes=input_boxes, faces=tuple(detected), found=found)
+
+
+# --- masks --------------------------------------------------------------------------------------------------------
+
+
+def expand_box(box: Box | None, image_size: tuple[int, int], area: float = MASK_AREA) -> tuple[int, int, int, int]:
+    """The official mask box of a face: ``area`` times its width and height around its centre, clipped to the
+    image, truncated to whole pixels (None: the whole image)."""
+    width, height = image_size
+    if box is None:
+        return 0, 0, width, height
+    cx, cy = _centre(box)
+    half_w, half_h = (box[2] - box[0]) * area / 2, (box[3] - box[1]) * area / 2
+    return (
+        int(max(cx - half_w, 0)),
+        int(max(cy - half_h, 0)),
+        int(min(cx + half_w, width)),
+        int(min(cy + half_h, height)),
+    )
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """What the report gives per speaker: ``mask_box`` (the expanded box, rendered pixels), ``mask_area`` (the
+    mask's share of the frame), ``overlap_resolved`` (share of the frame this speaker's expanded box covered but a
+    nearer face took)."""
+
+    mask_box: tuple[int, int, int, int]
+    mask_area: float
+    overlap_resolved: float
+
+
+def speaker_masks(
+    boxes: list[Box | None], image_size: tuple[int, int], latent_hw: tuple[int, int], area: float = MASK_AREA
+) -> tuple[torch.Tensor, list[MaskInfo]]:
+    """Disjoint masks ``[S, h, w]`` (fp32, latent resolution) of the speakers' face ``boxes`` (rendered pixels):
+    each the official one (1 inside the expanded box at pixel resolution, bilinear-resized), and where several are
+    non-zero, the latent pixel goes to the speaker whose face centre is nearest (ties: the earlier speaker)."""
+    width, height = image_size
+    h_lat, w_lat = latent_hw
+    expanded = [expand_box(b, image_size, area) for b in boxes]
+    soft = []
+    for x0, y0, x1, y1 in expanded:
+        pixels = torch.zeros(1, 1, height, width)
+        pixels[:, :, y0:y1, x0:x1] = 1.0
+        soft.append(F.interpolate(pixels, size=(h_lat, w_lat), mode="bilinear", align_corners=False)[0, 0])
+    masks = torch.stack(soft)
+    resolved = torch.zeros(len(boxes))
+    if len(boxes) > 1:
+        ys = (torch.arange(h_lat, dtype=torch.float64) + 0.5) * (height / h_lat)
+        xs = (torch.arange(w_lat, dtype=torch.float64) + 0.5) * (width / w_lat)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        centres = [_centre(b) if b is not None else (width / 2, height / 2) for b in boxes]
+        distance = torch.stack([(grid_x - cx) ** 2 + (grid_y - cy) ** 2 for cx, cy in centres])
+        distance = torch.where(masks > 0, distance, torch.full_like(distance, math.inf))
+        owner = distance.argmin(dim=0)  # first minimum: ties go to the earlier speaker
+        keep = torch.arange(len(boxes))[:, None, None] == owner[None]
+        lost = (masks > 0) & ~keep
+        resolved = lost.flatten(1).float().mean(dim=1)
+        masks = torch.where(keep, masks, torch.zeros_like(masks))
+    infos = [
+        MaskInfo(mask_box=e, mask_area=float(m.mean()), overlap_resolved=float(r))
+        for e, m, r in zip(expanded, masks, resolved)
+    ]
+    return masks, infos
+
+
+def latent_activity(
+    turns: tuple[tuple[float, float], ...], num_frames: int, fps: float, ratio: int = VIDEO_FRAMES_PER_LATENT
+) -> torch.Tensor:
+    """Bool ``[T]`` over the ``T = ceil((num_frames − 1)/ratio) + 1`` latent frames of a video of ``num_frames``:
+    latent ``j`` is on when one of its video frames (``0`` for ``j = 0``, else ``ratio·j − ratio + 1 .. ratio·j``),
+    spanning ``[f/fps, (f+1)/fps)``, overlaps a turn ``[start, end)``."""
+    num_latents = (num_frames - 1 + ratio - 1) // ratio + 1
+    frame = torch.arange(num_frames, dtype=torch.float64)
+    start, stop = frame / fps, (frame + 1) / fps
+    on = torch.zeros(num_frames, dtype=torch.bool)
+    for t0, t1 in turns:
+        on |= (start < t1) & (stop > t0)
+    active = torch.zeros(num_latents, dtype=torch.bool)
+    active[0] = on[0]
+    for j in range(1, num_latents):
+        active[j] = on[ratio * j - ratio + 1 : min(ratio * j + 1, num_frames)].any()
+    return active
+
+
+def frame_masks(masks: torch.Tensor, spec: SpeakerSpec, num_frames: int, fps: float) -> torch.Tensor:
+    """The conditioning's face mask ``[1, S, T, h, w]``: ``T = 1`` (static) for tracks; with turns one mask per
+    latent frame of the video, each speaker's on only where it talks."""
+    if not spec.turns:
+        return masks[None, :, None]
+    active = torch.stack([latent_activity(s.turns, num_frames, fps) for s in spec.speakers])  # [S, T]
+    return (masks[:, None] * active[:, :, None, None].to(masks.dtype))[None]
+
+
+def window_masks(face_mask: torch.Tensor, frames: list[int]) -> torch.Tensor:
+    """The window's part of a per-latent-frame mask ``[1, S, T, h, w]`` for absolute latent ``frames`` (like the
+    audio rows: frames past the end of the video, the bridge frames of ``shift``, are zero: nobody talks there). A
+    static mask (``T = 1``) is returned as is."""
+    if face_mask.shape[2] == 1:
+        return face_mask
+    index = torch.as_tensor(frames, dtype=torch.long)
+    inside = index < face_mask.shape[2]
+    rows = face_mask[:, :, index.clamp(max=face_mask.shape[2] - 1).to(face_mask.device)]
+    return rows * inside.to(rows.device, rows.dtype)[None, None, :, None, None]
+
+
+# --- audio --------------------------------------------------------------------------------------------------------
+
+
+def pad_tracks(wavs: list[np.ndarray]) -> list[np.ndarray]:
+    """Every track zero-padded (silence) at its end to the longest one's length."""
+    longest = max(len(w) for w in wavs)
+    return [np.pad(np.asarray(w, dtype=np.float32), (0, longest - len(w))) for w in wavs]
+
+
+def mix_tracks(wavs: list[np.ndarray], peak: float = MIX_PEAK) -> tuple[np.ndarray, list[float]]:
+    """``(mix, gains)``: the sum of the padded tracks, every track scaled by one common gain (≤ 1) so that the mix
+    peaks at ``peak`` at most (never clipped); one gain per track."""
+    padded = pad_tracks(wavs)
+    total = np.sum(np.stack(padded).astype(np.float64), axis=0)
+    top = float(np.max(np.abs(total))) if total.size else 0.0
+    gain = 1.0 if top <= peak else peak / top
+    return (total * gain).astype(np.float32), [gain] * len(wavs)
+
+
+@dataclass
+class SpeakerAudio:
+    """The decoded audio of a ``SpeakerSpec`` at the model's rate: ``tracks`` (one per speaker, padded to the longest;
+    with turns one, the shared recording), the soundtrack ``mix`` and its per-speaker ``gains``, every decoded
+    file's ``seconds`` and its native ``sample_rate``."""
+
+    tracks: list[np.ndarray]
+    mix: np.ndarray
+    gains: list[float]
+    seconds: list[float]
+    sample_rate: int
+    checks: list[dict] = field(default_factory=list)
+
+
+def load_speaker_audio(
+    spec: SpeakerSpec, sample_rate: int, max_seconds: float | None = None, allow_damaged: bool = False
+) -> SpeakerAudio:
+    """Decode every track (``avatar.io.audio.load_audio``); an unreadable, empty or all-silent track, tracks of
+    different native sample rates, or a turn that starts after the shared recording ends is one line naming the
+    speaker and the field."""
+    from avatar.io.audio import load_audio
+
+    where = f"speakers={spec.source}"
+    owners = [None] if spec.turns else list(spec.speakers)
+    wavs, checks = [], []
+    for owner, path in zip(owners, spec.tracks):
+        field_name = f"{owner.label} audio" if owner is not None else "audio (the shared recording)"
+        info: dict = {}
+        try:
+            wav = load_audio(path, sample_rate, max_seconds=max_seconds, allow_damaged=allow_damaged, info=info)
+        except InputError as err:
+            raise InputError(f"{where}: {field_name}: {err}") from None
+        if not np.any(wav):
+            raise InputError(
+                f"{where}: {field_name}: {path} is empty (every sample is silent); give a track with speech"
+            )
+        wavs.append(wav)
+        checks.append(info)
+    rates = [info.get("sample_rate") for info in checks]
+    if len({r for r in rates if r is not None}) > 1:
+        first = rates[0]
+        odd = next(i for i, r in enumerate(rates) if r != first)
+        raise InputError(
+            f"{where}: {spec.speakers[odd].label} audio: {spec.tracks[odd]} is at {rates[odd]} Hz but "
+            f"{spec.speakers[0].label}'s track is at {first} Hz; give every track at the same sample rate"
+        )
+    seconds = [info.get("decoded_seconds", len(w) / sample_rate) for info, w in zip(checks, wavs)]
+    if spec.turns:
+        for s in spec.speakers:
+            for start, end in s.turns:
+                if start >= seconds[0]:
+                    raise InputError(
+                        f"{where}: {s.label} turns: [{start:g}, {end:g}] starts after the shared recording ends "
+                        f"({seconds[0]:.2f} s)"
+                    )
+        mix, gains = wavs[0], [1.0] * len(spec)
+    elif len(wavs) == 1:
+        mix, gains = wavs[0], [1.0]  # one track: the soundtrack is that file, as with audio=
+    else:
+        mix, gains = mix_tracks(wavs)
+    return SpeakerAudio(
+        tracks=pad_tracks(wavs),
+        mix=mix,
+        gains=gains,
+        seconds=seconds,
+        sample_rate=int(rates[0] or sample_rate),
+        checks=checks,
+    )
+
+
+def report_section(spec: SpeakerSpec, layout: FaceLayout, infos: list[MaskInfo], audio: SpeakerAudio) -> list[dict]:
+    """The report's ``speakers`` section: per speaker its name, face (given or auto), box (input-image pixels),
+    mask box (rendered pixels), mask area and overlap resolved (shares of the frame), gain, track or turns."""
+    out = []
+    for s, box, info, gain in zip(spec.speakers, layout.input_boxes, infos, audio.gains):
+        entry = {
+            "name": s.name,
+            "face": "auto" if s.face == "auto" else "given",
+            "box": None if box is None else [round(v, 1) for v in box],
+            "mask_box": list(info.mask_box),
+            "mask_area": round(info.mask_area, 6),
+            "overlap_resolved": round(info.overlap_resolved, 6),
+            "gain": round(gain, 6),
+        }
+        if spec.turns:
+            entry["turns"] = [list(t) for t in s.turns]
+        else:
+            entry["audio"] = s.audio
+            entry["seconds"] = round(audio.seconds[s.index], 3)
+        out.append(entry)
+    return out
