@@ -441,9 +441,11 @@ def jobs_geometry(model: ModelConfig, jobs: list) -> Geometry:
             w, h = bucket_size(*image.size, model.image_size, model.bucket_multiple)
         if w * h > width * height:
             width, height = w, h
-        seconds = container_seconds(job.audio)
-        if seconds is not None:
-            num_frames = max(num_frames, int(math.ceil(seconds * FPS)))
+        audio_files = job.audio_files().values() if hasattr(job, "audio_files") else [job.audio]
+        for audio in audio_files:  # several speakers: the longest track
+            seconds = container_seconds(audio)
+            if seconds is not None:
+                num_frames = max(num_frames, int(math.ceil(seconds * FPS)))
     if not width:
         return planning_geometry(model, model.window_frames / FPS)
     return Geometry(width, height, num_frames)

@@ -90,6 +90,12 @@ class SpeakerSpec:
         """The audio files to decode, in order: the shared recording, or one per speaker."""
         return [self.shared_audio] if self.turns else [s.audio for s in self.speakers]
 
+    def audio_files(self) -> dict[str, str]:
+        """Label → path of every audio file: ``audio`` (the shared recording) or ``audio (speaker i ("name"))``."""
+        if self.turns:
+            return {"audio": self.shared_audio}
+        return {f"audio ({s.label})": s.audio for s in self.speakers}
+
     def __len__(self) -> int:
         return len(self.speakers)
 
@@ -158,8 +164,8 @@ def parse_speakers(data, source: str, base_dir: str | Path = ".", shared_audio: 
             )
         if with_audio:
             raise InputError(
-                f"{where}: {with_audio[0].label} audio: with a shared recording the speakers have turns, not tracks; "
-                "drop its 'audio' or the shared one"
+                f'{where}: {with_audio[0].label} audio: a shared recording is given (the file\'s "audio" or audio=), so '
+                "the speakers take turns of it, not tracks; drop this speaker's audio or the shared recording"
             )
         missing = [s for s in speakers if s.turns is None]
         if missing:

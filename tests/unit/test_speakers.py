@@ -85,7 +85,7 @@ BAD = [
         '{"audio": "s.wav", "speakers": [{"face": "auto", "turns": [[0, 1]]}, {"face": "auto"}]}',
         'speaker 2 ("speaker 2") turns: missing',
     ),
-    ('{"audio": "s.wav", "speakers": [{"face": "auto", "audio": "a.wav", "turns": [[0, 1]]}]}', "turns, not tracks"),
+    ('{"audio": "s.wav", "speakers": [{"face": "auto", "audio": "a.wav", "turns": [[0, 1]]}]}', "take turns of it, not tracks"),
 ]
 
 
