@@ -48,7 +48,7 @@ class Inputs:
     hashes: dict[str, str]
     audio_check: dict = field(default_factory=dict)  # decoded vs declared seconds, damaged (audio.allow_damaged)
     input_size: tuple[int, int] = (0, 0)  # the image as given (width, height), before the bucket resize
-    speaker_audio: SpeakerAudio | None = None  # several speakers: every track (padded), the mix and its gains
+    speaker_audio: SpeakerAudio | None = None  # several speakers: every track, padded to the longest
 
 
 @dataclass
@@ -88,7 +88,7 @@ def peak_host_memory_mb() -> float:
 
 def load_inputs(cfg: RunConfig, image_path: str, audio_path: str, speakers: SpeakerSpec | None = None) -> Inputs:
     """Stage 1: decode and resize the portrait, decode and resample the audio (with ``speakers``: every track,
-    padded to the longest, and their mix; ``wav`` is then the first track)."""
+    padded to the longest; ``wav`` is then the first track)."""
     from avatar.io.audio import load_audio
     from avatar.io.image import bucket_size, load_image, resize_to_bucket
 

@@ -1,6 +1,7 @@
 """Several speakers in one video: the input contract, the face assignment, the disjoint masks, the per-latent-frame
-(time-switched) masks and the soundtrack mix. Pure functions and frozen dataclasses except :func:`read_speakers` and
-:func:`load_speaker_audio` (which read files); no model is built here, so every bad input stops before any model.
+(time-switched) masks and the soundtrack mix. Pure functions and frozen dataclasses except :func:`read_speakers`,
+:func:`load_speaker_audio` and :func:`soundtrack` (which read files); no model is built here, so every bad input
+stops before any model.
 
 **Contract.** ``speakers=PATH.json`` holds either
 
@@ -473,12 +474,10 @@ def mix_tracks(wavs: list[np.ndarray], peak: float = MIX_PEAK) -> tuple[np.ndarr
 @dataclass
 class SpeakerAudio:
     """The decoded audio of a ``SpeakerSpec`` at the model's rate: ``tracks`` (one per speaker, padded to the longest;
-    with turns one, the shared recording), the soundtrack ``mix`` and its per-speaker ``gains``, every decoded
-    file's ``seconds`` and its native ``sample_rate``."""
+    with turns one, the shared recording), every decoded file's ``seconds``, its native ``sample_rate`` (the same for
+    all) and ``load_audio``'s ``checks``."""
 
     tracks: list[np.ndarray]
-    mix: np.ndarray
-    gains: list[float]
     seconds: list[float]
     sample_rate: int
     checks: list[dict] = field(default_factory=list)
@@ -487,9 +486,9 @@ class SpeakerAudio:
 def load_speaker_audio(
     spec: SpeakerSpec, sample_rate: int, max_seconds: float | None = None, allow_damaged: bool = False
 ) -> SpeakerAudio:
-    """Decode every track (``avatar.io.audio.load_audio``); an unreadable, empty or all-silent track, tracks of
-    different native sample rates, or a turn that starts after the shared recording ends is one line naming the
-    speaker and the field."""
+    """Decode every track (``avatar.io.audio.load_audio``) at ``sample_rate``; an unreadable, empty or all-silent
+    track, tracks of different native sample rates, or a turn that starts after the shared recording ends is one
+    line naming the speaker and the field."""
     from avatar.io.audio import load_audio
 
     where = f"speakers={spec.source}"
@@ -525,26 +524,30 @@ def load_speaker_audio(
                         f"{where}: {s.label} turns: [{start:g}, {end:g}] starts after the shared recording ends "
                         f"({seconds[0]:.2f} s)"
                     )
-        mix, gains = wavs[0], [1.0] * len(spec)
-    elif len(wavs) == 1:
-        mix, gains = wavs[0], [1.0]  # one track: the soundtrack is that file, as with audio=
-    else:
-        mix, gains = mix_tracks(wavs)
     return SpeakerAudio(
-        tracks=pad_tracks(wavs),
-        mix=mix,
-        gains=gains,
-        seconds=seconds,
-        sample_rate=int(rates[0] or sample_rate),
-        checks=checks,
+        tracks=pad_tracks(wavs), seconds=seconds, sample_rate=int(rates[0] or sample_rate), checks=checks
     )
 
 
-def report_section(spec: SpeakerSpec, layout: FaceLayout, infos: list[MaskInfo], audio: SpeakerAudio) -> list[dict]:
+def soundtrack(spec: SpeakerSpec, audio: SpeakerAudio) -> tuple[np.ndarray | None, list[float]]:
+    """``(mix, gains)`` of the muxed sound: the tracks decoded again at their native rate (``audio.sample_rate``),
+    padded and mixed without clipping (:func:`mix_tracks`). One file (a single track, or the shared recording of
+    turns) is muxed as it is: ``(None, [1.0, ...])``."""
+    if spec.turns or len(spec) == 1:
+        return None, [1.0] * len(spec)
+    from avatar.io.audio import load_audio
+
+    native = [load_audio(path, audio.sample_rate, allow_damaged=True) for path in spec.tracks]
+    return mix_tracks(native)
+
+
+def report_section(
+    spec: SpeakerSpec, layout: FaceLayout, infos: list[MaskInfo], gains: list[float], seconds: list[float]
+) -> list[dict]:
     """The report's ``speakers`` section: per speaker its name, face (given or auto), box (input-image pixels),
     mask box (rendered pixels), mask area and overlap resolved (shares of the frame), gain, track or turns."""
     out = []
-    for s, box, info, gain in zip(spec.speakers, layout.input_boxes, infos, audio.gains):
+    for s, box, info, gain in zip(spec.speakers, layout.input_boxes, infos, gains):
         entry = {
             "name": s.name,
             "face": "auto" if s.face == "auto" else "given",
@@ -556,8 +559,9 @@ def report_section(spec: SpeakerSpec, layout: FaceLayout, infos: list[MaskInfo],
         }
         if spec.turns:
             entry["turns"] = [list(t) for t in s.turns]
+            entry["audio"] = spec.shared_audio
         else:
             entry["audio"] = s.audio
-            entry["seconds"] = round(audio.seconds[s.index], 3)
+            entry["seconds"] = round(seconds[s.index], 3)
         out.append(entry)
     return out

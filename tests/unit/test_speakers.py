@@ -85,7 +85,10 @@ BAD = [
         '{"audio": "s.wav", "speakers": [{"face": "auto", "turns": [[0, 1]]}, {"face": "auto"}]}',
         'speaker 2 ("speaker 2") turns: missing',
     ),
-    ('{"audio": "s.wav", "speakers": [{"face": "auto", "audio": "a.wav", "turns": [[0, 1]]}]}', "take turns of it, not tracks"),
+    (
+        '{"audio": "s.wav", "speakers": [{"face": "auto", "audio": "a.wav", "turns": [[0, 1]]}]}',
+        "take turns of it, not tracks",
+    ),
 ]
 
 
@@ -209,18 +212,17 @@ def test_mix_pads_the_shorter_track_and_never_clips():
     assert unit == [1.0, 1.0] and np.allclose(quiet[:60], 0.13)
 
 
-def test_load_speaker_audio_pads_mixes_and_reports(tmp_path):
-    spec = sp.parse_speakers(
-        [
-            {"audio": tone(tmp_path / "a.wav", 1.0, amplitude=0.8), "face": "auto"},
-            {"audio": tone(tmp_path / "b.wav", 0.5, amplitude=0.8, freq=300), "face": "auto"},
-        ],
-        "t.json",
-    )
+def test_load_speaker_audio_pads_and_the_soundtrack_mixes_at_the_native_rate(tmp_path):
+    a = tone(tmp_path / "a.wav", 1.0, rate=22050, amplitude=0.8)
+    b = tone(tmp_path / "b.wav", 0.5, rate=22050, amplitude=0.8, freq=300)
+    spec = sp.parse_speakers([{"audio": a, "face": "auto"}, {"audio": b, "face": "auto"}], "t.json")
     audio = sp.load_speaker_audio(spec, 16000)
     assert [len(t) for t in audio.tracks] == [16000, 16000] and not audio.tracks[1][8000:].any()
-    assert audio.gains[0] < 1 and np.abs(audio.mix).max() <= sp.MIX_PEAK + 1e-6
-    assert audio.seconds == pytest.approx([1.0, 0.5]) and audio.sample_rate == 16000
+    assert audio.seconds == pytest.approx([1.0, 0.5]) and audio.sample_rate == 22050
+    mix, gains = sp.soundtrack(spec, audio)
+    assert len(mix) == 22050 and gains[0] == gains[1] < 1 and np.abs(mix).max() <= sp.MIX_PEAK + 1e-6
+    one = sp.parse_speakers([{"audio": a, "face": "auto"}], "t.json")
+    assert sp.soundtrack(one, sp.load_speaker_audio(one, 16000)) == (None, [1.0])  # the file itself is muxed
 
 
 def test_audio_errors_name_speaker_and_field(tmp_path):
