@@ -249,6 +249,7 @@ def row_job(cfg: RunConfig, row: Row):
     return Job(
         image=row.image,
         audio=row.audio,
+        speakers=row.speakers,
         prompt=row.prompt or cfg.prompt,
         output=str(Path(cfg.output_dir) / f"{row.videoid}.mp4"),
         seed=int(row.overrides.get("seed", cfg.seed)),
@@ -371,7 +372,7 @@ def _validate_batch(cfg: RunConfig, plan: ParallelPlan) -> Validated:
         rows = shard_rows(rows, cfg.batch.shard_index, cfg.batch.shard_count)
         log.info("shard %d of %d: %d row(s)", cfg.batch.shard_index, cfg.batch.shard_count, len(rows))
     state = StateStore(batch_state_dir(out_dir))  # read only here: nothing is created before validation passes
-    inputs = run_inputs(cfg, [row_job(cfg, row) for row in manifest if row.image and row.audio])
+    inputs = run_inputs(cfg, [row_job(cfg, row) for row in manifest if row.image and (row.audio or row.speakers)])
 
     def check_row(row: Row) -> None:
         job = row_job(cfg, row)
