@@ -238,7 +238,7 @@ def _image_file(image, folder: Path) -> str:
 def _speakers(speakers, audio, folder: Path):
     """``speakers=`` of a call as a ``SpeakerSpec``: a JSON path, or its contents (tracks given as arrays are saved
     beside the call's other temporaries); ``audio`` is the shared recording of turns, if given."""
-    from avatar.pipeline.speakers import parse_speakers, read_speakers
+    from avatar.io.speakers import parse_speakers, read_speakers
 
     shared = None if audio is None else _audio_file(audio, folder, "shared.wav")
     if isinstance(speakers, (str, os.PathLike)):

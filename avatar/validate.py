@@ -219,7 +219,7 @@ def single_job(cfg: RunConfig):
 
     speakers = None
     if cfg.speakers:
-        from avatar.pipeline.speakers import read_speakers
+        from avatar.io.speakers import read_speakers
 
         if not cfg.image:
             raise InputError(f"speakers={cfg.speakers} needs image=PATH: the portrait with every speaker's face")
