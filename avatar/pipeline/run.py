@@ -249,7 +249,7 @@ class Renderer:
                 face_found = bool(len(boxes))
             else:
                 mask, face_found = self._speaker_masks(job, inputs, boxes, (h_lat, w_lat))
-        if len(boxes):
+        if len(boxes) or face_found:
             log.info("face detection: %d face(s) in %s", len(boxes), job.image)
         else:
             log.warning(
