@@ -14,10 +14,12 @@ from avatar.io.errors import OutputConflict
 log = logging.getLogger("avatar.pipeline.run")
 
 
-def open_writer(cfg: RunConfig, job, inputs, frames: list | None = None, audio_path: str | None = None):
+def open_writer(
+    cfg: RunConfig, job, inputs, frames: list | None = None, audio_path: str | None = None, mixed: bool = False
+):
     """The ``VideoWriter`` of ``job.output`` (temporary until ``publish``) muxing ``audio_path`` (default
-    ``job.audio``; several speakers: their mixed soundtrack); with ``frames`` it also keeps every chunk written (the
-    Python API's result)."""
+    ``job.audio``; several speakers: their one file, or with ``mixed`` their mix, already at its final level); with
+    ``frames`` it also keeps every chunk written (the Python API's result)."""
     from avatar.io.video import VideoWriter
 
     for path in (job.output, job.output + ".json"):
@@ -32,7 +34,7 @@ def open_writer(cfg: RunConfig, job, inputs, frames: list | None = None, audio_p
         crf=cfg.output.crf,
         preset=cfg.output.preset,
         replace=cfg.overwrite,
-        audio_gain=inputs.audio_check.get("gain", 1.0),  # the rescale of an out-of-range float input
+        audio_gain=1.0 if mixed else inputs.audio_check.get("gain", 1.0),  # the rescale of an out-of-range input
     )
     return writer if frames is None else _KeepFrames(writer, frames)
 

@@ -363,7 +363,7 @@ class Renderer:
         if topo.is_main:
             if getattr(job, "speakers", None) is not None:
                 soundtrack, gains, mixed = speaker_soundtrack(job, inputs)
-            writer = open_writer(cfg, job, inputs, frames, audio_path=soundtrack)
+            writer = open_writer(cfg, job, inputs, frames, audio_path=soundtrack, mixed=mixed)
         log.info(
             "denoising %d latent frames (%s, %d window(s) per step, %d steps, cache %s) for %s",
             strategy.domain,

@@ -309,15 +309,19 @@ def load_speaker_audio(
 
 
 def soundtrack(spec: SpeakerSpec, audio: SpeakerAudio) -> tuple[np.ndarray | None, list[float]]:
-    """``(mix, gains)`` of the muxed sound: the tracks decoded again at their native rate (``audio.sample_rate``),
-    padded and mixed without clipping (:func:`mix_tracks`). One file (a single track, or the shared recording of
-    turns) is muxed as it is: ``(None, [1.0, ...])``."""
+    """``(mix, gains)`` of the muxed sound: the tracks decoded again at their native rate (``audio.sample_rate``;
+    an out-of-range float track rescaled as ``load_audio`` does), padded and mixed without clipping
+    (:func:`mix_tracks`). One file (a single track, or the shared recording of turns) is muxed as it is: ``(None,
+    gains)``. ``gains``: every speaker's track as heard in the video relative to its file (the mix gain times the
+    track's own rescale)."""
+    rescale = [float(c.get("gain", 1.0)) for c in audio.checks]
     if spec.turns or len(spec) == 1:
-        return None, [1.0] * len(spec)
+        return None, [rescale[0]] * len(spec)
     from avatar.io.audio import load_audio
 
     native = [load_audio(path, audio.sample_rate, allow_damaged=True) for path in spec.tracks]
-    return mix_tracks(native)
+    mix, gains = mix_tracks(native)
+    return mix, [g * r for g, r in zip(gains, rescale)]
 
 
 def report_section(
