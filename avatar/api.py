@@ -128,16 +128,20 @@ class AvatarPipeline:
     def __call__(
         self,
         image,
-        audio,
+        audio=None,
         prompt: str | None = None,
         seed: int | None = None,
         steps: int | None = None,
         strategy: str | None = None,
+        speakers=None,
     ) -> AvatarResult | None:
         """Render one video. ``image``: a path, a ``PIL.Image`` or a uint8 array (``[H, W]``, ``[H, W, 3]`` or
         ``[H, W, 4]``); ``audio``: a path or ``(samples, sample_rate)`` (float or int16, mono ``[n]`` or
-        ``[n, channels]``). ``None`` takes the config's prompt, seed, steps and long-audio strategy. Raises InputError
-        (the command line's message) before anything renders. Rank 0 gets the result, other ranks None."""
+        ``[n, channels]``). ``None`` takes the config's prompt, seed, steps and long-audio strategy. ``speakers``
+        (several people talking, README "Several speakers"): the path of a speakers JSON, or its contents as a list
+        of ``{"audio": path or (samples, sample_rate), "face": "auto" or [x0, y0, x1, y1], "name": ...}`` (or the
+        object form with turns; ``audio`` may then be the shared recording). Raises InputError (the command line's
+        message) before anything renders. Rank 0 gets the result, other ranks None."""
         from avatar.config import FPS, Strategy
         from avatar.validate import check_job as validate_job
 
@@ -151,9 +155,15 @@ class AvatarPipeline:
         try:
             from avatar.pipeline.job import Job
 
+            spec = None
+            if speakers is not None:
+                spec = _speakers(speakers, audio, Path(folder.name))
+            elif audio is None:
+                raise InputError("audio: give the speech (a path or (samples, sample_rate)), or speakers=[...]")
             job = Job(
                 image=_image_file(image, Path(folder.name)),
-                audio=_audio_file(audio, Path(folder.name)),
+                audio=(spec.shared_audio or "") if spec is not None else _audio_file(audio, Path(folder.name)),
+                speakers=spec,
                 prompt=cfg.prompt if prompt is None else str(prompt),
                 output=str(Path(folder.name) / "video.mp4"),
                 seed=cfg.seed if seed is None else int(seed),
@@ -164,7 +174,7 @@ class AvatarPipeline:
             validate_job(
                 cfg,
                 job,
-                {"image": job.image, "audio": job.audio},
+                {"image": job.image, **job.audio_files()},
                 overwrite=False,
                 sequence_degree=getattr(self.topo.seq, "world", 1),
             )
@@ -175,7 +185,13 @@ class AvatarPipeline:
                 return None
             from avatar.io.audio import load_audio
 
-            wav = load_audio(job.audio, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds)
+            if spec is None:
+                wav = load_audio(job.audio, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds)
+            else:  # the soundtrack at the model's rate: the shared recording, or the tracks mixed
+                from avatar.pipeline.speakers import load_speaker_audio, mix_tracks
+
+                tracks = load_speaker_audio(spec, cfg.audio.sample_rate, allow_damaged=True).tracks
+                wav = tracks[0] if len(tracks) == 1 else mix_tracks(tracks)[0]
             return AvatarResult(
                 frames=np.concatenate(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8),
                 audio=wav,
@@ -219,7 +235,30 @@ def _image_file(image, folder: Path) -> str:
     return str(path)
 
 
-def _audio_file(audio, folder: Path) -> str:
+def _speakers(speakers, audio, folder: Path):
+    """``speakers=`` of a call as a ``SpeakerSpec``: a JSON path, or its contents (tracks given as arrays are saved
+    beside the call's other temporaries); ``audio`` is the shared recording of turns, if given."""
+    from avatar.io.speakers import parse_speakers, read_speakers
+
+    shared = None if audio is None else _audio_file(audio, folder, "shared.wav")
+    if isinstance(speakers, (str, os.PathLike)):
+        return read_speakers(speakers, shared_audio=shared)
+    data = speakers
+    entries = data.get("speakers") if isinstance(data, dict) else data
+    if isinstance(entries, (list, tuple)):
+        entries = [
+            {**e, "audio": _audio_file(e["audio"], folder, f"speaker{i + 1}.wav")}
+            if isinstance(e, dict) and e.get("audio") is not None
+            else e
+            for i, e in enumerate(entries)
+        ]
+        data = {**data, "speakers": entries} if isinstance(data, dict) else entries
+    if isinstance(data, dict) and data.get("audio") is not None:
+        data = {**data, "audio": _audio_file(data["audio"], folder, "shared.wav")}
+    return parse_speakers(data, "(the speakers argument)", os.getcwd(), shared_audio=shared)
+
+
+def _audio_file(audio, folder: Path, name: str = "audio.wav") -> str:
     """A path as given; ``(samples, sample_rate)`` saved losslessly as a float WAV."""
     if isinstance(audio, (str, os.PathLike)):
         return os.fspath(audio)
@@ -235,7 +274,7 @@ def _audio_file(audio, folder: Path) -> str:
         raise InputError(
             f"audio: samples must be float or int16, [n] or [n, channels]; got {samples.dtype} {list(samples.shape)}"
         )
-    path = folder / "audio.wav"
+    path = folder / name
     subtype = "PCM_16" if samples.dtype == np.int16 else "FLOAT"
     sf.write(
         str(path), samples if samples.dtype == np.int16 else samples.astype(np.float32), int(rate), subtype=subtype

@@ -9,7 +9,7 @@ Three command-line keys name both a config group and a path: ``output=PATH.mp4``
 and ``batch.manifest=``, so the documented contract and the group selection both work.
 
 Text and path values (``LITERAL_KEYS``: prompt, image, audio, output, batch, output_dir, weights, prompt_file, the
-negative prompt and prefix) are taken literally, everything after the first ``=``: commas, quotes, apostrophes,
+negative prompt and prefix, speakers) are taken literally, everything after the first ``=``: commas, quotes, apostrophes,
 ``:``, newlines, non-ASCII and ``${...}`` are kept as typed and never parsed or interpolated by Hydra. The other keys
 go through Hydra's override grammar; a key that is not in the schema is refused with the closest valid keys.
 """
@@ -43,6 +43,7 @@ LITERAL_KEYS = (
     "prompt",
     "prompt_file",
     "image",
+    "speakers",
     "weights",
     "output_dir",
     "audio.path",

@@ -453,6 +453,11 @@ class RunConfig:
 
     image: Optional[str] = None
     """Portrait image path."""
+    speakers: Optional[str] = None
+    """Several people talking: a JSON file listing the speakers, each with its own track and face
+    (``[{"audio": PATH, "face": "auto" | [x0, y0, x1, y1], "name": ...}, ...]``), or one shared recording with
+    per-speaker turns (``{"audio": PATH, "speakers": [{"face": ..., "turns": [[start_s, end_s], ...]}]}``); see
+    ``avatar/pipeline/speakers.py``. Without it ``audio=`` drives the one face of the portrait."""
     prompt: str = "A person is speaking to the camera."
     """Scene description, taken literally (commas, quotes, ``${...}``, newlines are kept as typed)."""
     prompt_file: Optional[str] = None

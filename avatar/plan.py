@@ -528,10 +528,10 @@ def sequence_padding_line(
     )
 
 
-# --- CLI: the memory plan (``gpu_memory=GB image_size=PX seconds=S [size=WxH] [memory=MODE]``) -----------------------
+# --- CLI: the memory plan (``gpu_memory=GB image_size=PX seconds=S [size=WxH] [speakers=N] [memory=MODE]``) ---------
 
 #: The memory keys of ``python -m launch.plan``; the others are the parallel plan's.
-MEMORY_KEYS = ("gpu_memory", "image_size", "seconds", "size", "memory", "fp8", "token_chunk")
+MEMORY_KEYS = ("gpu_memory", "image_size", "seconds", "size", "speakers", "memory", "fp8", "token_chunk")
 
 
 def split_memory_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -566,12 +566,13 @@ def memory_lines(plan: ParallelPlan, argv: list[str], options: dict[str, str]) -
             width, _, height = options["size"].lower().partition("x")
             size = (int(width), int(height))
         token_chunk = int(options.get("token_chunk", MemoryConfig.token_chunk))
+        speakers = int(options.get("speakers", 1))
     except ValueError as err:
         raise InputError(
-            f"gpu_memory and seconds must be numbers, image_size and token_chunk integers, size WxH ({err})"
+            f"gpu_memory and seconds must be numbers, image_size, token_chunk and speakers integers, size WxH ({err})"
         ) from err
-    if seconds <= 0 or (gpu_bytes is not None and gpu_bytes <= 0) or model.image_size <= 0:
-        raise InputError("gpu_memory, image_size and seconds must be positive")
+    if seconds <= 0 or (gpu_bytes is not None and gpu_bytes <= 0) or model.image_size <= 0 or speakers < 1:
+        raise InputError("gpu_memory, image_size, seconds and speakers must be positive")
     mode = options.get("memory", "auto")
     try:
         memory = MemoryConfig(mode=MemoryMode(mode), token_chunk=token_chunk)
@@ -584,7 +585,7 @@ def memory_lines(plan: ParallelPlan, argv: list[str], options: dict[str, str]) -
     def widen(world: int) -> ParallelPlan:
         return ParallelPlan.resolve(ParallelConfig(), world, heads)
 
-    geometry = memory_plan.planning_geometry(model, seconds, size)
+    geometry = replace(memory_plan.planning_geometry(model, seconds, size), speakers=speakers)
     chosen = memory_plan.resolve(
         memory, plan, model, geometry, gpu_bytes, widen=widen, fp8=fp8, cache=MeasureCache(default_cache_dir())
     )

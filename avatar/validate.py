@@ -4,7 +4,8 @@ and any Python caller (a server would call it per request).
 
 Order: the config's own rules (seed, steps, encoder settings, model geometry, devices and optional packages, batch
 sharding), the parallel plan for the world size and GPUs per node (``ParallelPlan.resolve`` names degrees, world and
-heads; the one plan the run then builds its mesh from), the jobs' files (image and audio decoded, output paths:
+heads; the one plan the run then builds its mesh from), the jobs' files (image and audio decoded, several speakers'
+tracks and faces, output paths:
 folder, name length, never one of the run's inputs, existing files; with ``attention.backend=xfuser`` the bucketed
 image's tokens per frame against ring·ulysses), then the weights (``avatar.weights.verify``). Every failure is one
 ``InputError`` line; nothing is written.
@@ -170,6 +171,10 @@ def check_config(cfg: RunConfig, host: bool = True) -> None:
     if host:
         check_host(cfg)
     if cfg.batch.manifest:
+        if cfg.speakers:
+            raise InputError(
+                f'speakers={cfg.speakers} is for one video; in a batch give each row its own "speakers" (JSON Lines)'
+            )
         if cfg.image or cfg.audio.path:
             raise InputError(
                 "batch= takes the image and audio of each row from the manifest; drop image=/audio= from the command"
@@ -222,14 +227,23 @@ def _check_model(m) -> None:
 def single_job(cfg: RunConfig):
     from avatar.pipeline.job import Job
 
+    speakers = None
+    if cfg.speakers:
+        from avatar.io.speakers import read_speakers
+
+        if not cfg.image:
+            raise InputError(f"speakers={cfg.speakers} needs image=PATH: the portrait with every speaker's face")
+        speakers = read_speakers(cfg.speakers, shared_audio=cfg.audio.path)
     missing = [name for name, value in (("image", cfg.image), ("audio", cfg.audio.path)) if not value]
-    if missing:
+    if missing and speakers is None:
         raise InputError(
-            f"missing {' and '.join(missing)}: give image=PATH audio=PATH (or batch=MANIFEST output_dir=DIR)"
+            f"missing {' and '.join(missing)}: give image=PATH audio=PATH (or batch=MANIFEST output_dir=DIR, or "
+            "image=PATH speakers=PATH.json for several speakers)"
         )
     return Job(
         image=cfg.image,
-        audio=cfg.audio.path,
+        audio=(speakers.shared_audio or "") if speakers is not None else cfg.audio.path,
+        speakers=speakers,
         prompt=cfg.prompt,
         output=cfg.output.path,
         seed=cfg.seed,
@@ -245,6 +259,7 @@ def row_job(cfg: RunConfig, row: Row):
     return Job(
         image=row.image,
         audio=row.audio,
+        speakers=row.speakers,
         prompt=row.prompt or cfg.prompt,
         output=str(Path(cfg.output_dir) / f"{row.videoid}.mp4"),
         seed=int(row.overrides.get("seed", cfg.seed)),
@@ -259,7 +274,10 @@ def run_inputs(cfg: RunConfig, jobs: list) -> dict[str, str]:
     inputs = {}
     for job in jobs:
         inputs[f"image ({job.videoid})" if cfg.batch.manifest else "image"] = job.image
-        inputs[f"audio ({job.videoid})" if cfg.batch.manifest else "audio"] = job.audio
+        for label, path in job.audio_files().items():
+            inputs[f"{label} ({job.videoid})" if cfg.batch.manifest else label] = path
+    if cfg.speakers:
+        inputs["speakers"] = cfg.speakers
     if cfg.batch.manifest:
         inputs["batch"] = cfg.batch.manifest
     if cfg.prompt_file:
@@ -279,15 +297,51 @@ def check_job(cfg: RunConfig, job, inputs: dict, overwrite: bool | None = None, 
     check_geometry(job.image, image.width, image.height, cfg.model.image_size, cfg.model.bucket_multiple)
     if cfg.attention.backend == "xfuser":
         check_xfuser_image(cfg, image.width, image.height, sequence_degree)
-    load_audio(
-        job.audio, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds, allow_damaged=cfg.audio.allow_damaged
-    )
+    if getattr(job, "speakers", None) is not None:
+        check_speakers(cfg, job, image)
+    else:
+        load_audio(
+            job.audio, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds, allow_damaged=cfg.audio.allow_damaged
+        )
     check_output_path(
         job.output,
         cfg.overwrite if overwrite is None else overwrite,
         inputs=inputs,
         folder_may_be_missing=bool(cfg.output_dir),
     )
+
+
+def check_speakers(cfg: RunConfig, job, image) -> None:
+    """Several speakers: every track decodes, is not empty and has the first one's sample rate (turns: start inside
+    the shared recording); every given face box lies inside the image; no two speakers share a face; there are as
+    many detected faces as ``"auto"`` speakers (the face detector runs here, on the bucketed image, as the render
+    will). One line naming the speaker and the field (``avatar/pipeline/speakers.py``)."""
+    from avatar.io.image import bucket_size, resize_to_bucket
+    from avatar.pipeline.speakers import load_speaker_audio, resolve_faces
+
+    spec, m = job.speakers, cfg.model
+    load_speaker_audio(
+        spec, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds, allow_damaged=cfg.audio.allow_damaged
+    )
+    bucket = bucket_size(image.width, image.height, m.image_size, m.bucket_multiple)
+    detected: list = []
+    if len(spec) > 1 and any(s.face == "auto" for s in spec.speakers):
+        detector = _face_detector(cfg)
+        if detector is None:
+            return  # the official detector file is missing: check_weights names it
+        detected = detector.detect(resize_to_bucket(image, bucket))
+    resolve_faces(spec, image.size, bucket, detected, image=f"image={job.image}")
+
+
+def _face_detector(cfg: RunConfig):
+    """The render's face detector (None when its file is missing)."""
+    from avatar.config import OFFICIAL_FACE_DETECTOR
+    from avatar.models.face import FaceDetector
+
+    path = Path(cfg.weights) / OFFICIAL_FACE_DETECTOR
+    if cfg.model.face_detector == "official" and not path.is_file():
+        return None
+    return FaceDetector(cfg.model.face_detector, path)
 
 
 def check_jobs(cfg: RunConfig, jobs: list, sequence_degree: int = 1, overwrite: bool | None = None) -> None:
@@ -328,7 +382,7 @@ def _validate_batch(cfg: RunConfig, plan: ParallelPlan) -> Validated:
         rows = shard_rows(rows, cfg.batch.shard_index, cfg.batch.shard_count)
         log.info("shard %d of %d: %d row(s)", cfg.batch.shard_index, cfg.batch.shard_count, len(rows))
     state = StateStore(batch_state_dir(out_dir))  # read only here: nothing is created before validation passes
-    inputs = run_inputs(cfg, [row_job(cfg, row) for row in manifest if row.image and row.audio])
+    inputs = run_inputs(cfg, [row_job(cfg, row) for row in manifest if row.image and (row.audio or row.speakers)])
 
     def check_row(row: Row) -> None:
         job = row_job(cfg, row)

@@ -27,6 +27,8 @@ HELP = help_text(
         "'prompt=A woman, smiling, says: \"hello\"' output=talk.mp4",
         "python -m launch.generate ... prompt_file=prompt.txt sampling.motion_exp=20 seed=7",
         "python -m launch.generate ... batch=rows.csv output_dir=outputs/batch batch.on_error=skip",
+        "python -m launch.generate model=tiny weights=weights/tiny image=examples/two_faces.jpg "
+        "speakers=examples/two_speakers.json output=outputs/two.mp4",
     ],
 )
 

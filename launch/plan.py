@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                 "process group. Keys: world=N gpus_per_node=N model=NAME heads=N num_tokens=N parallel=PRESET\n"
                 "parallel.<axis>=N|auto.\n"
                 "Then the memory plan (docs/memory.md): the mode memory=auto picks and the peak per rank by stage, for\n"
-                "gpu_memory=GB (10^9 bytes; absent: no GPU to fit) image_size=PX seconds=S [size=WxH] [memory=MODE]\n"
+                "gpu_memory=GB (10^9 bytes; absent: no GPU to fit) image_size=PX seconds=S [size=WxH] [speakers=N] [memory=MODE]\n"
                 "[fp8=true] [token_chunk=N]; exit 2 with the reason when no mode fits.",
                 [
                     "python -m launch.plan world=8 model=hunyuan_avatar",

@@ -213,8 +213,8 @@ def load_audio(
     unreadable, non-regular, empty, damaged (decoded length ≠ the container's by more than a video frame, unless
     ``allow_damaged``), too short (< 1 video frame), too long (> ``audio.max_seconds``), too coarsely sampled (<
     ``MIN_SAMPLE_RATE``) or far out of range (peak > ``MAX_PEAK``) input. ``info`` (a dict) receives
-    ``decoded_seconds``, ``container_seconds`` (what the file declares), ``damaged`` and ``gain`` (1.0, or the
-    rescale factor of a peak beyond 1)."""
+    ``decoded_seconds``, ``container_seconds`` (what the file declares), ``damaged``, ``gain`` (1.0, or the
+    rescale factor of a peak beyond 1) and the native ``sample_rate``."""
     path = os.fspath(path)
     what = "a wav, flac, mp3 or m4a speech file"
     check_input_file(path, "audio", what)
@@ -249,7 +249,7 @@ def load_audio(
         declared = container_seconds(path)
     damaged = declared is not None and abs(declared - seconds) > 1.0 / VIDEO_FPS
     if info is not None:
-        info.update(decoded_seconds=seconds, container_seconds=declared, damaged=damaged, gain=gain)
+        info.update(decoded_seconds=seconds, container_seconds=declared, damaged=damaged, gain=gain, sample_rate=rate)
     if damaged:
         detail = (
             f"audio={path}: decodes to {seconds:.2f} s but the file declares {declared:.2f} s (a corrupt or "

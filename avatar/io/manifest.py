@@ -4,7 +4,9 @@ Two formats:
 
 - the official CSV (``videoid,image,audio,prompt,fps``, usually with a UTF-8 byte-order mark), optionally with the
   per-row columns ``seed``, ``steps`` and ``strategy`` (an empty cell keeps the command's value);
-- JSON Lines, one object per line with the same fields and per-row keys.
+- JSON Lines, one object per line with the same fields and per-row keys, and ``speakers`` (several speakers: a
+  JSON file or the list inline, ``avatar/io/speakers.py``; then ``audio`` is the shared recording of turns or
+  absent).
 
 Both are strict about names: a CSV header with a column that is not one of those (or one named twice) refuses the
 manifest, and a JSON key that is not one of them refuses the row, naming the unknown names and the valid ones, so a
@@ -37,6 +39,8 @@ OPTIONAL_COLUMNS = ("prompt", "fps")
 OVERRIDE_KEYS = ("seed", "steps", "strategy")
 #: Every column/key a manifest may use.
 VALID_KEYS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS + OVERRIDE_KEYS
+#: JSON Lines keys: every column, and ``speakers`` (several speakers, ``avatar/io/speakers.py``).
+JSON_KEYS = (*VALID_KEYS, "speakers")
 #: Keys whose value must be a JSON string.
 STRING_KEYS = ("videoid", "image", "audio", "prompt")
 
@@ -58,6 +62,9 @@ class Row:
     overrides: dict = field(default_factory=dict, hash=False)
     source: str = ""
     error: str = ""
+    speakers: object = field(default=None, hash=False, compare=False)
+    """Several speakers (a ``avatar.io.speakers.SpeakerSpec``; JSON Lines ``"speakers"``): then ``audio`` is
+    the shared recording of turns, or empty."""
 
     @property
     def where(self) -> str:
@@ -223,7 +230,7 @@ def _parse_fps(value) -> tuple[float, str]:
 
 
 def _read_jsonl(lines: list[tuple[str, str]], path: Path) -> Manifest:
-    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS) | set(OVERRIDE_KEYS)
+    known = set(JSON_KEYS)
     rows, blank = [], []
     for number, (raw, error) in enumerate(lines, start=1):
         if not error and not raw.strip():
@@ -243,8 +250,8 @@ def _read_jsonl(lines: list[tuple[str, str]], path: Path) -> Manifest:
         errors = []
         unknown = sorted(set(record) - known)
         if unknown:
-            errors.append(f"unknown key(s) {', '.join(unknown)}; valid keys: {_valid_names()}")
-        nulls = [key for key in VALID_KEYS if key in record and record[key] is None]
+            errors.append(f"unknown key(s) {', '.join(unknown)}; valid keys: {_valid_names()}, and speakers")
+        nulls = [key for key in JSON_KEYS if key in record and record[key] is None]
         if nulls:
             errors.append(f"{', '.join(nulls)} is null; give a value or leave the key out")
         for key in STRING_KEYS:
@@ -257,11 +264,20 @@ def _read_jsonl(lines: list[tuple[str, str]], path: Path) -> Manifest:
         fps, fps_error = _parse_fps(record.get("fps"))
         if fps_error:
             errors.append(fps_error)
+        audio = _resolve(str(record.get("audio") or ""), path.parent)
+        speakers = None
+        if record.get("speakers") is not None:
+            speakers, speakers_error = _parse_speakers(record["speakers"], audio, path, number)
+            if speakers_error:
+                errors.append(speakers_error)
+            elif speakers.turns:
+                audio = speakers.shared_audio
         rows.append(
             Row(
                 videoid=str(record.get("videoid", "")).strip(),
                 image=_resolve(str(record.get("image") or ""), path.parent),
-                audio=_resolve(str(record.get("audio") or ""), path.parent),
+                audio=audio,
+                speakers=speakers,
                 prompt=str(record.get("prompt") or "").strip(),
                 fps=fps,
                 line=number,
@@ -271,6 +287,19 @@ def _read_jsonl(lines: list[tuple[str, str]], path: Path) -> Manifest:
             )
         )
     return Manifest(rows, str(path), len(lines), [], blank)
+
+
+def _parse_speakers(value, audio: str, path: Path, line: int):
+    """A row's ``speakers``: a JSON file (relative to the manifest's folder) or the list/object inline; ``(spec,
+    "")`` or ``(None, error)``."""
+    from avatar.io.speakers import parse_speakers, read_speakers
+
+    try:
+        if isinstance(value, str):
+            return read_speakers(_resolve(value, path.parent), shared_audio=audio or None), ""
+        return parse_speakers(value, f"{path} line {line}", path.parent, shared_audio=audio or None), ""
+    except InputError as err:
+        return None, str(err)
 
 
 def _broken_row(path: Path, line: int, error: str, videoid: str = "") -> Row:
@@ -308,7 +337,7 @@ def row_problem(row: Row) -> str:
         return f"videoid {row.videoid!r} must be a plain file name (it names <output_dir>/<videoid>.mp4)"
     if not row.image:
         return "image is empty"
-    if not row.audio:
+    if not row.audio and row.speakers is None:
         return "audio is empty"
     if row.fps != FPS:
         return f"fps {row.fps:g} is not supported: the official model only works at {FPS} fps"

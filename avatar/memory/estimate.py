@@ -46,18 +46,20 @@ LATENT_COPIES = 3
 
 @dataclass(frozen=True)
 class Geometry:
-    """What is rendered: the bucketed video size and its length."""
+    """What is rendered: the bucketed video size, its length and the speakers (audio tracks) driving it."""
 
     width: int
     height: int
     num_frames: int
+    speakers: int = 1
 
     @property
     def seconds(self) -> float:
         return self.num_frames / FPS
 
     def describe(self) -> str:
-        return f"{self.width}x{self.height}, {self.num_frames} frames ({self.seconds:.1f} s)"
+        who = f", {self.speakers} speakers" if self.speakers > 1 else ""
+        return f"{self.width}x{self.height}, {self.num_frames} frames ({self.seconds:.1f} s){who}"
 
 
 def planning_geometry(model: ModelConfig, seconds: float, size: tuple[int, int] | None = None) -> Geometry:
@@ -248,8 +250,18 @@ def estimate(
     local_tokens = measure.ceil_div(tokens_per_frame(model, geometry), ranks.sequence)
     chunk = token_chunk or None
     activations = measure.dit_activation_bytes(
-        model, window, local_tokens, text_tokens(model), fp8=use_fp8, token_chunk=chunk, cache=cache
+        model,
+        window,
+        local_tokens,
+        text_tokens(model),
+        fp8=use_fp8,
+        token_chunk=chunk,
+        cache=cache,
+        speakers=geometry.speakers,
     )
+    # The clip's Whisper features on the device (fp32), one set per speaker track.
+    feature_bytes = 4 * geometry.speakers * geometry.num_frames * model.audio_window * model.audio_layers
+    feature_bytes *= model.audio_channels
     branches = 1 if ranks.cfg == 2 else 2
     cache_bytes = 0
     if deep_cache and not chosen.cache_on_host:
@@ -283,6 +295,7 @@ def estimate(
                 "activations": activations,
                 "deep cache": cache_bytes,
                 "latents": latent_bytes,
+                "audio features": feature_bytes,
                 "VAE": vae["weights"],
             },
         ),
@@ -436,14 +449,23 @@ def jobs_geometry(model: ModelConfig, jobs: list) -> Geometry:
 
     width = height = 0
     num_frames = model.window_frames
+    speakers = max([1] + [_tracks(job) for job in jobs])
     for job in jobs:
         with Image.open(job.image) as image:
             w, h = bucket_size(*image.size, model.image_size, model.bucket_multiple)
         if w * h > width * height:
             width, height = w, h
-        seconds = container_seconds(job.audio)
-        if seconds is not None:
-            num_frames = max(num_frames, int(math.ceil(seconds * FPS)))
+        audio_files = job.audio_files().values() if hasattr(job, "audio_files") else [job.audio]
+        for audio in audio_files:  # several speakers: the longest track
+            seconds = container_seconds(audio)
+            if seconds is not None:
+                num_frames = max(num_frames, int(math.ceil(seconds * FPS)))
     if not width:
         return planning_geometry(model, model.window_frames / FPS)
-    return Geometry(width, height, num_frames)
+    return Geometry(width, height, num_frames, speakers)
+
+
+def _tracks(job) -> int:
+    """Audio tracks the DiT gets for ``job``: one per speaker with several tracks, else one (turns share one)."""
+    spec = getattr(job, "speakers", None)
+    return 1 if spec is None or spec.turns else len(spec)

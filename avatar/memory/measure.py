@@ -122,11 +122,26 @@ def to_fake(module: nn.Module, mode, device: torch.device | str = "cpu") -> nn.M
     return module
 
 
-def dit_inputs(cfg: ModelConfig, latent_frames: int, grid_tokens: tuple[int, int], text_tokens: int, device="cpu"):
-    """Forward inputs of one window (batch of one) with a token grid of ``grid_tokens`` (h, w) per latent frame."""
+def dit_inputs(
+    cfg: ModelConfig,
+    latent_frames: int,
+    grid_tokens: tuple[int, int],
+    text_tokens: int,
+    device="cpu",
+    speakers: int = 1,
+):
+    """Forward inputs of one window (batch of one) with a token grid of ``grid_tokens`` (h, w) per latent frame;
+    ``speakers`` > 1: one audio track and one face mask per speaker."""
     ph, pw = cfg.patch_size[1:]
     h, w = grid_tokens[0] * ph, grid_tokens[1] * pw
     audio_rows = 4 * (latent_frames - 1) + 1
+    if speakers > 1:
+        audio = (1, audio_rows, speakers, cfg.audio_window, cfg.audio_layers, cfg.audio_channels)
+        return dict(
+            dit_inputs(cfg, latent_frames, grid_tokens, text_tokens, device),
+            audio_feats=torch.zeros(audio, device=device),
+            face_mask=torch.ones(1, speakers, latent_frames, h, w, device=device),
+        )
     return dict(
         x=torch.zeros(1, cfg.latent_channels, latent_frames, h, w, device=device),
         t=torch.full((1,), 700.0, device=device),
@@ -173,9 +188,11 @@ def dit_activation_bytes(
     token_chunk: int | None = None,
     cache: MeasureCache | None = None,
     full_depth: bool = False,
+    speakers: int = 1,
 ) -> int:
     """Peak bytes above weights and inputs of one DiT forward (``cache="store"``, the largest) over ``latent_frames``
-    + the reference frame at ``tokens_per_frame`` tokens each (a rank's shard), measured on fake tensors."""
+    + the reference frame at ``tokens_per_frame`` tokens each (a rank's shard), measured on fake tensors
+    (``speakers``: audio tracks and face masks, each with its audio tokens and adapter outputs)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     cfg_run = cfg if full_depth else measured_config(cfg)
@@ -188,6 +205,7 @@ def dit_activation_bytes(
         fp8=fp8,
         chunk=token_chunk,
         code=_code_hash(),
+        **({"speakers": speakers} if speakers > 1 else {}),
     )
 
     def compute() -> int:
@@ -195,7 +213,7 @@ def dit_activation_bytes(
         model = to_fake(meta_dit(cfg_run, dtype, fp8), mode)
         model.set_token_chunk(token_chunk)
         with mode:
-            inputs = dit_inputs(cfg_run, latent_frames, (1, tokens_per_frame), text_tokens)
+            inputs = dit_inputs(cfg_run, latent_frames, (1, tokens_per_frame), text_tokens, speakers=speakers)
         # A 1 × F grid: the patch embedders, RoPE and the face mask see F tokens per frame; every per-token layer
         # and the attention see the same counts as on the real (h, w) grid.
         return forward_peak(model, inputs, cache="store", mode=mode)

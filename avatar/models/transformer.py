@@ -41,6 +41,24 @@ NORM_EPS = 1e-6
 SHAPE_CACHE_SIZE = 4
 
 
+def _speaker_inputs(audio_feats: torch.Tensor, face_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the speaker axes: ``audio_feats`` ``[B, N, window, layers, channels]`` (one speaker) or ``[B, N, S,
+    window, layers, channels]`` (S speakers), ``face_mask`` ``[B, S, T_mask, h, w]`` (one mask per speaker). One
+    speaker given with the speaker axis comes back without it (the single-speaker path)."""
+    if audio_feats.dim() not in (5, 6):
+        raise ValueError(
+            f"audio_feats must be [B, N, window, layers, channels] or [B, N, S, ...], got {tuple(audio_feats.shape)}"
+        )
+    num_speakers = audio_feats.shape[2] if audio_feats.dim() == 6 else 1
+    if face_mask.dim() != 5 or face_mask.shape[1] != num_speakers:
+        raise ValueError(
+            f"face_mask {tuple(face_mask.shape)} must be [B, S, T, h, w] with one mask per speaker (S={num_speakers})"
+        )
+    if audio_feats.dim() == 6 and num_speakers == 1:
+        audio_feats = audio_feats[:, :, 0]
+    return audio_feats, face_mask
+
+
 @dataclass
 class CachedInput:
     """Input of the last single block, this rank's part in the frame-sliced layout (``avatar/parallel/base.py``):
@@ -408,13 +426,27 @@ class AudioAdapter(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * inner_dim, bias=False)
         self.to_out = nn.Linear(inner_dim, dim, bias=False)
 
-    def forward(self, audio: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-        """audio ``[B, n, 4A, D]``, video ``[B, n, F, D]`` -> ``[B, n, F, D]`` (n frames, no mixing across them)."""
+    def forward(self, audio: torch.Tensor | list[torch.Tensor], video: torch.Tensor):
+        """audio ``[B, n, 4A, D]``, video ``[B, n, F, D]`` -> ``[B, n, F, D]`` (n frames, no mixing across them).
+
+        Several speakers: ``audio`` a list of such tensors, one per speaker -> a list of outputs, each what the call
+        with that speaker's audio alone returns; the queries are computed once."""
+        if isinstance(audio, (list, tuple)):
+            q = self.to_q(self.norm2(video))
+            return [self._attend(q, speaker) for speaker in audio]
         audio = self.norm1(audio)
         video = self.norm2(video)
         q = self.to_q(video)
         k, v = self.to_kv(audio).chunk(2, dim=-1)
         scale = 1 / math.sqrt(math.sqrt(self.inner_dim))  # dh^-1/4 on q and on k
+        weights = (q * scale) @ (k * scale).transpose(-2, -1)
+        weights = torch.softmax(weights.float(), dim=-1).to(weights.dtype)
+        return self.to_out(weights @ v)
+
+    def _attend(self, q: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """The single-speaker forward's ops after ``to_q``, for one speaker's audio."""
+        k, v = self.to_kv(self.norm1(audio)).chunk(2, dim=-1)
+        scale = 1 / math.sqrt(math.sqrt(self.inner_dim))
         weights = (q * scale) @ (k * scale).transpose(-2, -1)
         weights = torch.softmax(weights.float(), dim=-1).to(weights.dtype)
         return self.to_out(weights @ v)
@@ -758,15 +790,23 @@ class AvatarDiT(nn.Module):
                 raise ValueError("cache='reuse' needs the CachedInput of an earlier cache='store' call")
             x_seq = torch.cat([seq.from_frame_slices(cached.img, tokens_per_frame), cached.txt], dim=1)
         else:
-            # 2. Audio tokens, grouped per latent frame: [B, 4T-3, A, D] -> [B, T, 4A, D].
+            # 2. Audio tokens, grouped per latent frame: [B, 4T-3, A, D] -> [B, T, 4A, D]. Several speakers
+            # (audio_feats [B, 4T-3, S, ...], face_mask [B, S, ...]): one token set per speaker; one speaker given
+            # that way takes the single-speaker path below, op for op.
             expected_audio = AUDIO_FRAMES_PER_LATENT * (num_frames - 1) + 1
             if audio_feats.shape[1] != expected_audio:
                 raise ValueError(
                     f"audio_feats has {audio_feats.shape[1]} frames, expected {expected_audio} for {num_frames} latent frames"
                 )
-            audio = self.audio_proj(audio_feats)
-            audio = torch.cat([audio[:, :1]] * (AUDIO_FRAMES_PER_LATENT - 1) + [audio], dim=1)
-            audio = audio.reshape(batch, num_frames, -1, audio.shape[-1])
+            audio_feats, face_mask = _speaker_inputs(audio_feats, face_mask)
+            speakers = None
+            if audio_feats.dim() == 6:  # two or more speakers
+                speakers = [
+                    self._audio_tokens(audio_feats[:, :, i], batch, num_frames) for i in range(audio_feats.shape[2])
+                ]
+                audio = speakers[0]
+            else:
+                audio = self._audio_tokens(audio_feats, batch, num_frames)
 
             # 3. Image tokens: noisy latents + reference (ref_in -> before_proj), reference first frame prepended.
             img = self.img_in(x.to(dtype))
@@ -782,17 +822,38 @@ class AvatarDiT(nn.Module):
 
             # 5. Face mask per token (zero on the reference frame); audio tokens per sequence frame (zero on the
             # reference frame, whose adapter output the mask zeroes anyway).
-            token_face_mask = self._token_face_mask(face_mask, num_frames, grid_h, grid_w)
-            token_face_mask = seq.shard_tokens(token_face_mask).unsqueeze(-1)
-            frame_audio = torch.cat([torch.zeros_like(audio[:, :1]), audio], dim=1)
+            # Several speakers: one token mask and one audio per speaker (the masks are disjoint).
+            if speakers is None:
+                token_face_mask = self._token_face_mask(face_mask, num_frames, grid_h, grid_w)
+                token_face_mask = seq.shard_tokens(token_face_mask).unsqueeze(-1)
+                frame_audio = torch.cat([torch.zeros_like(audio[:, :1]), audio], dim=1)
+            else:
+                token_face_mask = [
+                    seq.shard_tokens(
+                        self._token_face_mask(face_mask[:, i : i + 1], num_frames, grid_h, grid_w)
+                    ).unsqueeze(-1)
+                    for i in range(len(speakers))
+                ]
+                frame_audio = [torch.cat([torch.zeros_like(a[:, :1]), a], dim=1) for a in speakers]
+                del speakers
 
             # 6. Double blocks, each followed by its audio adapter where configured.
             for index, block in enumerate(self.double_blocks):
                 img, txt = block(img, txt, vec, rope_cos, rope_sin, seq, lengths)
                 if index in self.adapter_index:
                     adapter = self.audio_adapter_blocks[self.adapter_index[index]]
-                    out = self._audio_adapter(adapter, img, frame_audio, seq.token_range(num_img), tokens_per_frame)
-                    img = img + (out * token_face_mask).to(img.dtype)
+                    token_range = seq.token_range(num_img)
+                    out = self._audio_adapter(adapter, img, frame_audio, token_range, tokens_per_frame)
+                    if isinstance(out, list):
+                        # img += Σ_i m_i ⊙ Adapter(a_i, img): every speaker's adapter sees the same img.
+                        total = out[0] * token_face_mask[0]
+                        for part, speaker_mask in zip(out[1:], token_face_mask[1:]):
+                            total = total + part * speaker_mask
+                        out = total
+                        del total
+                        img = img + out.to(img.dtype)
+                    else:
+                        img = img + (out * token_face_mask).to(img.dtype)
                     del out
 
             # 7. Single blocks on [img; txt], all but the last (the cache point).
@@ -835,22 +896,50 @@ class AvatarDiT(nn.Module):
         memo[key] = (weakref.ref(text_mask), text_mask._version, layout)
         return layout
 
-    def _audio_adapter(self, adapter, img, frame_audio, token_range, tokens_per_frame) -> torch.Tensor:
+    def _audio_adapter(self, adapter, img, frame_audio, token_range, tokens_per_frame):
         """``adapter`` on this rank's image tokens ``[B, S, D]``, each token with its frame's audio tokens
         (``frame_audio`` ``[B, T+1, 4A, D]``): one call per run of whole frames or part of a frame; zero on the
-        padding rows."""
-        dtype = adapter.to_q.weight.dtype
-        start, stop = token_range
-        video = img.to(dtype)
+        padding rows. Several speakers (``frame_audio`` a list, one per speaker): a list of outputs, all speakers in
+        the same calls."""
+        if isinstance(frame_audio, list):
+            outputs = [[] for _ in frame_audio]
+            for first, count, begin, end in frame_runs(*token_range, tokens_per_frame):
+                parts = self._adapter_run(adapter, img, [a[:, first : first + count] for a in frame_audio], begin, end)
+                for collected, part in zip(outputs, parts):
+                    collected.append(part)
+            return [self._adapter_rows(adapter, img, parts, token_range) for parts in outputs]
         parts = [
-            adapter(
-                frame_audio[:, first : first + count].to(dtype), video[:, begin:end].unflatten(1, (count, -1))
-            ).flatten(1, 2)
-            for first, count, begin, end in frame_runs(start, stop, tokens_per_frame)
+            self._adapter_run(adapter, img, frame_audio[:, first : first + count], begin, end)
+            for first, count, begin, end in frame_runs(*token_range, tokens_per_frame)
         ]
-        if video.shape[1] > stop - start:
-            parts.append(video.new_zeros((video.shape[0], video.shape[1] - (stop - start), video.shape[2])))
+        return self._adapter_rows(adapter, img, parts, token_range)
+
+    @staticmethod
+    def _adapter_run(adapter, img, audio, begin: int, end: int):
+        """``adapter`` on local image rows ``[begin, end)`` (whole frames, or part of one frame) with their frames'
+        audio tokens (a tensor, or one per speaker) -> ``[B, end − begin, D]`` (or one per speaker)."""
+        dtype = adapter.to_q.weight.dtype
+        count = audio[0].shape[1] if isinstance(audio, list) else audio.shape[1]
+        video = img[:, begin:end].to(dtype).unflatten(1, (count, -1))
+        if isinstance(audio, list):
+            return [out.flatten(1, 2) for out in adapter([a.to(dtype) for a in audio], video)]
+        return adapter(audio.to(dtype), video).flatten(1, 2)
+
+    @staticmethod
+    def _adapter_rows(adapter, img, parts: list[torch.Tensor], token_range) -> torch.Tensor:
+        """The runs' outputs as this rank's rows, zero (in the adapter's dtype) on the padding rows."""
+        start, stop = token_range
+        if img.shape[1] > stop - start:
+            shape = (img.shape[0], img.shape[1] - (stop - start), img.shape[2])
+            parts = [*parts, img.new_zeros(shape, dtype=adapter.to_q.weight.dtype)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _audio_tokens(self, audio_feats: torch.Tensor, batch: int, num_frames: int) -> torch.Tensor:
+        """One speaker's Whisper features ``[B, 4T-3, window, layers, channels]`` -> audio tokens per latent frame
+        ``[B, T, 4A, D]`` (frame 0 padded to 4 video frames)."""
+        audio = self.audio_proj(audio_feats)
+        audio = torch.cat([audio[:, :1]] * (AUDIO_FRAMES_PER_LATENT - 1) + [audio], dim=1)
+        return audio.reshape(batch, num_frames, -1, audio.shape[-1])
 
     def _shape_tables(self, shape: tuple, device: torch.device, build) -> tuple:
         """``build()`` (tensors that only the token-grid ``shape`` decides: RoPE rows, masks) from the per-shape cache

@@ -194,7 +194,7 @@ def run_batch(cfg: RunConfig, batch, renderer, job_topo, rows_topo, preemption) 
             summary.add_skipped(job.videoid, f"already done: {job.output}")
             continue
         if rows_topo.is_main:
-            reason = state.register(job.videoid, key, {"image": job.image, "audio": job.audio}, job_config)
+            reason = state.register(job.videoid, key, {"image": job.image, **job.audio_files()}, job_config)
             if reason:
                 log.warning("%s starts afresh: %s", job.videoid, reason)
         rows_topo.barrier()

@@ -30,6 +30,7 @@ from avatar.pipeline import schedule as sched
 from avatar.pipeline import strategies as strat
 from avatar.pipeline.adaptive import AdaptiveCache
 from avatar.pipeline.cache import CachePlan, DeepCache, cache_mode
+from avatar.pipeline.speakers import window_masks
 from avatar.pipeline.stitch import WindowAccumulator
 from avatar.pipeline.topology import Topology
 from avatar.progress import progress
@@ -41,8 +42,12 @@ log = logging.getLogger(__name__)
 class Conditioning:
     """Everything the DiT is conditioned on, for the whole video (``save_intermediates=true`` saves this)."""
 
-    audio_feats: torch.Tensor  # [N, audio_window, audio_layers, audio_channels], N video frames (padded as needed)
-    face_mask: torch.Tensor  # [1, 1, 1, h, w] at latent resolution
+    # [N, audio_window, audio_layers, audio_channels], N video frames (padded as needed); several speakers
+    # (``avatar/pipeline/speakers.py``): [N, S, audio_window, audio_layers, audio_channels]
+    audio_feats: torch.Tensor
+    # [1, 1, 1, h, w] at latent resolution; several speakers: [1, S, 1, h, w] (disjoint), or with turns one mask per
+    # latent frame of the video [1, S, T, h, w], sliced per window like the audio
+    face_mask: torch.Tensor
     text_states: torch.Tensor  # [1, L, Dt] positive prompt
     text_mask: torch.Tensor  # [1, L]
     text_pooled: torch.Tensor  # [1, D2]
@@ -134,10 +139,18 @@ class GuidedVelocity:
         return contextlib.nullcontext()
 
     def __call__(
-        self, x: torch.Tensor, step: int, audio: torch.Tensor, frames: list[int], window: int, cache: DeepCache | None
+        self,
+        x: torch.Tensor,
+        step: int,
+        audio: torch.Tensor,
+        frames: list[int],
+        window: int,
+        cache: DeepCache | None,
+        mask_frames: list[int] | None = None,
     ) -> torch.Tensor:
         """Guided velocity of window ``window`` over absolute latent ``frames`` (x ``[1, C, T, h, w]``, audio
-        ``[4T-3, window, layers, channels]``): fp32, or bf16 under ``fidelity=official``."""
+        ``[4T-3, window, layers, channels]``): fp32, or bf16 under ``fidelity=official``. ``mask_frames``: the
+        video's latent frames of a per-frame face mask (default ``frames``; a segment counts its cache frames from 0)."""
         c = self.cond
         phase = sched.cfg_phase(step, self.sampling)
         mask_scale = sched.face_mask_scale(step, self.sampling)
@@ -146,10 +159,13 @@ class GuidedVelocity:
         if adaptive:
             cache.bind(self.topo)
         reuse = adaptive and cache.decide(step, window, frames, x)
+        face_mask = c.face_mask
+        if face_mask.shape[2] > 1:  # per latent frame (speakers with turns): this window's frames
+            face_mask = window_masks(face_mask, frames if mask_frames is None else mask_frames)
         if self.official:  # the official face mask is fp16 and scaled in fp16
-            face_mask = c.face_mask.half() * mask_scale if mask_scale != 1.0 else c.face_mask.half()
+            face_mask = face_mask.half() * mask_scale if mask_scale != 1.0 else face_mask.half()
         else:
-            face_mask = c.face_mask * mask_scale
+            face_mask = face_mask * mask_scale
         common = dict(
             x=self._input(x),
             t=self.timesteps[step : step + 1].to(x.device),
@@ -192,10 +208,17 @@ class GuidedVelocity:
         return v[0:1] + scale * (v[1:2] - v[0:1])
 
     def step(
-        self, x: torch.Tensor, step: int, audio: torch.Tensor, frames: list[int], window: int, cache: DeepCache | None
+        self,
+        x: torch.Tensor,
+        step: int,
+        audio: torch.Tensor,
+        frames: list[int],
+        window: int,
+        cache: DeepCache | None,
+        mask_frames: list[int] | None = None,
     ) -> torch.Tensor:
         """One guided Euler step of the window (fp32)."""
-        v = self(x, step, audio, frames, window, cache)
+        v = self(x, step, audio, frames, window, cache, mask_frames)
         return sched.euler_step(x, v, self.sigmas[step], self.sigmas[step + 1])
 
 
@@ -254,8 +277,9 @@ def denoise_segment_step(
 ) -> torch.Tensor:
     """One step of segment ``index`` on its own (its cache spans only its frames, counted from 0)."""
     frames = list(range(strategy.window))
-    audio = strategy.window_audio(velocity.cond.audio_feats, strategy.windows(step)[index])
-    stepped = velocity.step(x, step, audio, frames, 0, cache)
+    absolute = strategy.windows(step)[index]
+    audio = strategy.window_audio(velocity.cond.audio_feats, absolute)
+    stepped = velocity.step(x, step, audio, frames, 0, cache, mask_frames=absolute)
     if cache is not None:
         cache.commit(None)
     acc = WindowAccumulator(x.shape, fidelity=strategy.accumulate, device=x.device)

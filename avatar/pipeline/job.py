@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from avatar.config import FPS, RunConfig, SamplingConfig
+from avatar.pipeline.speakers import SpeakerAudio, SpeakerSpec
 from avatar.pipeline.state import file_sha256
 
 
@@ -26,6 +27,13 @@ class Job:
     steps: int
     strategy: str = "auto"
     videoid: str = ""
+    speakers: SpeakerSpec | None = None
+    """Several speakers (``avatar/pipeline/speakers.py``); then ``audio`` is the shared recording of turns, or empty
+    (one track per speaker)."""
+
+    def audio_files(self) -> dict[str, str]:
+        """Label → path of every audio file this job reads (``audio``, or one per speaker track)."""
+        return {"audio": self.audio} if self.speakers is None else self.speakers.audio_files()
 
 
 @dataclass
@@ -39,6 +47,8 @@ class Inputs:
     num_frames: int  # video frames = audio length at fps (rounded to the nearest frame)
     hashes: dict[str, str]
     audio_check: dict = field(default_factory=dict)  # decoded vs declared seconds, damaged (audio.allow_damaged)
+    input_size: tuple[int, int] = (0, 0)  # the image as given (width, height), before the bucket resize
+    speaker_audio: SpeakerAudio | None = None  # several speakers: every track, padded to the longest
 
 
 @dataclass
@@ -76,24 +86,40 @@ def peak_host_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def load_inputs(cfg: RunConfig, image_path: str, audio_path: str) -> Inputs:
-    """Stage 1: decode and resize the portrait, decode and resample the audio."""
+def load_inputs(cfg: RunConfig, image_path: str, audio_path: str, speakers: SpeakerSpec | None = None) -> Inputs:
+    """Stage 1: decode and resize the portrait, decode and resample the audio (with ``speakers``: every track,
+    padded to the longest; ``wav`` is then the first track)."""
     from avatar.io.audio import load_audio
     from avatar.io.image import bucket_size, load_image, resize_to_bucket
 
     image = load_image(image_path)
+    input_size = image.size
     width, height = bucket_size(image.width, image.height, cfg.model.image_size, cfg.model.bucket_multiple)
     image = resize_to_bucket(image, (width, height))
     audio_check: dict = {}
-    wav = load_audio(
-        audio_path,
-        cfg.audio.sample_rate,
-        max_seconds=cfg.audio.max_seconds,
-        allow_damaged=cfg.audio.allow_damaged,
-        info=audio_check,
-    )
+    speaker_audio = None
+    if speakers is not None:
+        from avatar.pipeline.speakers import load_speaker_audio
+
+        speaker_audio = load_speaker_audio(
+            speakers, cfg.audio.sample_rate, max_seconds=cfg.audio.max_seconds, allow_damaged=cfg.audio.allow_damaged
+        )
+        wav = speaker_audio.tracks[0]
+        audio_check = dict(speaker_audio.checks[0])
+        audio_check["decoded_seconds"] = len(wav) / cfg.audio.sample_rate
+        audio_check["damaged"] = any(c.get("damaged", False) for c in speaker_audio.checks)
+        files = {"image": image_path, **speakers.audio_files()}
+    else:
+        wav = load_audio(
+            audio_path,
+            cfg.audio.sample_rate,
+            max_seconds=cfg.audio.max_seconds,
+            allow_damaged=cfg.audio.allow_damaged,
+            info=audio_check,
+        )
+        files = {"image": image_path, "audio": audio_path}
     num_frames = max(1, round(len(wav) * FPS / cfg.audio.sample_rate))
-    hashes = {"image": file_sha256(image_path), "audio": file_sha256(audio_path)}
+    hashes = {label: file_sha256(path) for label, path in files.items()}
     return Inputs(
         image=image,
         width=width,
@@ -102,6 +128,8 @@ def load_inputs(cfg: RunConfig, image_path: str, audio_path: str) -> Inputs:
         num_frames=num_frames,
         hashes=hashes,
         audio_check=audio_check,
+        input_size=input_size,
+        speaker_audio=speaker_audio,
     )
 
 

@@ -14,9 +14,12 @@ from avatar.io.errors import OutputConflict
 log = logging.getLogger("avatar.pipeline.run")
 
 
-def open_writer(cfg: RunConfig, job, inputs, frames: list | None = None):
-    """The ``VideoWriter`` of ``job.output`` (temporary until ``publish``); with ``frames`` it also keeps every chunk
-    written (the Python API's result)."""
+def open_writer(
+    cfg: RunConfig, job, inputs, frames: list | None = None, audio_path: str | None = None, mixed: bool = False
+):
+    """The ``VideoWriter`` of ``job.output`` (temporary until ``publish``) muxing ``audio_path`` (default
+    ``job.audio``; several speakers: their one file, or with ``mixed`` their mix, already at its final level); with
+    ``frames`` it also keeps every chunk written (the Python API's result)."""
     from avatar.io.video import VideoWriter
 
     for path in (job.output, job.output + ".json"):
@@ -27,11 +30,11 @@ def open_writer(cfg: RunConfig, job, inputs, frames: list | None = None):
         FPS,
         inputs.width,
         inputs.height,
-        audio_path=job.audio,
+        audio_path=job.audio if audio_path is None else audio_path,
         crf=cfg.output.crf,
         preset=cfg.output.preset,
         replace=cfg.overwrite,
-        audio_gain=inputs.audio_check.get("gain", 1.0),  # the rescale of an out-of-range float input
+        audio_gain=1.0 if mixed else inputs.audio_check.get("gain", 1.0),  # the rescale of an out-of-range input
     )
     return writer if frames is None else _KeepFrames(writer, frames)
 
@@ -55,6 +58,33 @@ def publish(cfg: RunConfig, job, writer, report: dict, state=None, key: str | No
     if report_path != published + ".json":
         log.warning("%s.json appeared meanwhile and was kept; the report is at %s", published, report_path)
     return conflict
+
+
+def speaker_soundtrack(job, inputs) -> tuple[str, list[float], bool]:
+    """Several speakers: the file muxed into the video, every track's gain, and whether that file is a temporary.
+    One file (one track, or the shared recording of turns) is muxed as it is; several tracks are mixed at their
+    native rate without clipping (``avatar/pipeline/speakers.py``) into a temporary beside the output, removed after
+    the mux (:func:`remove_soundtrack`; a killed run's is removed by the next run's ``open_writer``)."""
+    from avatar.io.atomic import temp_name
+    from avatar.pipeline.speakers import soundtrack
+
+    mix, gains = soundtrack(job.speakers, inputs.speaker_audio)
+    if mix is None:
+        return next(iter(job.audio_files().values())), gains, False
+    import soundfile as sf
+
+    path = temp_name(job.output, "mix.wav")
+    sf.write(path, mix, inputs.speaker_audio.sample_rate, subtype="FLOAT")
+    log.info("soundtrack: %d tracks mixed, gain %s", len(gains), ", ".join(f"{g:.3f}" for g in gains))
+    return path, gains, True
+
+
+def remove_soundtrack(path: str) -> None:
+    """Delete the temporary mix of :func:`speaker_soundtrack`."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def save_intermediates(job, tensors: dict) -> None:

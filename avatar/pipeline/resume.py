@@ -35,10 +35,15 @@ class Preempted(Exception):
 
 
 def job_state(cfg_dict: dict, job) -> tuple[str, dict]:
-    """``(key, config)`` of a job: the key hashes the image and audio contents and ``config``."""
+    """``(key, config)`` of a job: the key hashes the image and audio contents (every speaker's track) and
+    ``config`` (with the speakers' faces and turns)."""
     config = semantic_config(cfg_dict, NON_SEMANTIC_KEYS + PLAN_KEYS)
     config["job"] = {"prompt": job.prompt, "seed": job.seed, "steps": job.steps, "strategy": job.strategy}
-    return job_key({"image": job.image, "audio": job.audio}, config), config
+    speakers = getattr(job, "speakers", None)
+    if speakers is None:
+        return job_key({"image": job.image, "audio": job.audio}, config), config
+    config["job"]["speakers"] = speakers.as_dict()  # faces, names, turns: a change renders afresh
+    return job_key({"image": job.image, **job.audio_files()}, config), config
 
 
 class Resume:

@@ -33,7 +33,13 @@ from avatar.pipeline.job import (
     to_uint8,
     with_steps,
 )
-from avatar.pipeline.publish import open_writer, publish, save_intermediates
+from avatar.pipeline.publish import (
+    open_writer,
+    publish,
+    remove_soundtrack,
+    save_intermediates,
+    speaker_soundtrack,
+)
 from avatar.pipeline.report import build_report, device_info, run_flops
 from avatar.pipeline.resume import Resume, job_state
 from avatar.pipeline.topology import Topology
@@ -228,12 +234,22 @@ class Renderer:
         h_lat = inputs.height // cfg.model.vae_spatial_ratio
         w_lat = inputs.width // cfg.model.vae_spatial_ratio
         log.info("audio features: %d frames (%.2f s)", inputs.num_frames, inputs.num_frames / FPS)
+        self.speakers_report = None
         with self.timer("audio_features"):
-            audio_feats = enc["audio"].features(inputs.wav, inputs.num_frames, window=cfg.model.audio_window)
+            if inputs.speaker_audio is None or job.speakers.turns:  # one track (turns: one shared recording)
+                audio_feats = enc["audio"].features(inputs.wav, inputs.num_frames, window=cfg.model.audio_window)
+            else:  # one track per speaker: [N, S, window, layers, channels] (one speaker: [N, ...], as audio=)
+                tracks = inputs.speaker_audio.tracks
+                per = [enc["audio"].features(w, inputs.num_frames, window=cfg.model.audio_window) for w in tracks]
+                audio_feats = per[0] if len(per) == 1 else torch.stack(per, dim=1)
         with self.timer("face_mask"):
             boxes = enc["face"].detect(inputs.image)
-            mask = face_mask((inputs.width, inputs.height), boxes, (h_lat, w_lat))
-        if len(boxes):
+            if job.speakers is None:
+                mask = face_mask((inputs.width, inputs.height), boxes, (h_lat, w_lat))
+                face_found = bool(len(boxes))
+            else:
+                mask, face_found = self._speaker_masks(job, inputs, boxes, (h_lat, w_lat))
+        if len(boxes) or face_found:
             log.info("face detection: %d face(s) in %s", len(boxes), job.image)
         else:
             log.warning(
@@ -265,8 +281,32 @@ class Renderer:
             neg_text_pooled=neg.pooled.float().cpu(),
             ref_latents=ref.float().cpu(),
             num_frames=inputs.num_frames,
-            face_found=bool(len(boxes)),
+            face_found=face_found,
         )
+
+    def _speaker_masks(self, job: Job, inputs: Inputs, boxes, latent_hw) -> tuple[torch.Tensor, bool]:
+        """Several speakers (``avatar/pipeline/speakers.py``): every speaker's face, their disjoint masks (``[1, S,
+        1, h, w]``; with turns one mask per latent frame, the speakers' summed: ``[1, 1, T, h, w]``, the shared
+        recording's features drive whoever talks), and the report's ``speakers`` section (gains filled at the mux)."""
+        from avatar.pipeline import speakers as sp
+
+        spec, size = job.speakers, (inputs.width, inputs.height)
+        layout = sp.resolve_faces(spec, inputs.input_size, size, boxes, image=f"image={job.image}")
+        masks, infos = sp.speaker_masks(list(layout.boxes), size, latent_hw)
+        if spec.turns:
+            mask = sp.frame_masks(masks, spec, inputs.num_frames, FPS).sum(dim=1, keepdim=True)
+        else:
+            mask = masks[None, :, None]
+        self.speakers_report = (layout, infos)
+        for s, info in zip(spec.speakers, infos):
+            log.info(
+                "%s: mask %s (%.1f %% of the frame, %.1f %% given to a nearer face)",
+                s.label,
+                info.mask_box,
+                100 * info.mask_area,
+                100 * info.overlap_resolved,
+            )
+        return mask, layout.found
 
     # --- the whole job -----------------------------------------------------------------------------------------------
 
@@ -285,7 +325,7 @@ class Renderer:
 
         self.decode_stats = DecodeStats(world=topo.world)
         with self.timer("inputs"):
-            inputs = load_inputs(cfg, job.image, job.audio)
+            inputs = load_inputs(cfg, job.image, job.audio, getattr(job, "speakers", None))
         cond = self.conditioning(job, inputs)
         strategy = strat.for_run(cfg, job.strategy, inputs.num_frames)
         h_lat = inputs.height // cfg.model.vae_spatial_ratio
@@ -318,7 +358,12 @@ class Renderer:
             topo, state, key, strategy.name, preemption, cached_steps, sampling.steps, cfg.checkpoint_every, on_step
         )
         resume.adaptive = cache_mode(sampling.cache) == "adaptive"
-        writer = open_writer(cfg, job, inputs, frames) if topo.is_main else None
+        writer = None
+        soundtrack, gains, mixed = job.audio, None, False
+        if topo.is_main:
+            if getattr(job, "speakers", None) is not None:
+                soundtrack, gains, mixed = speaker_soundtrack(job, inputs)
+            writer = open_writer(cfg, job, inputs, frames, audio_path=soundtrack, mixed=mixed)
         log.info(
             "denoising %d latent frames (%s, %d window(s) per step, %d steps, cache %s) for %s",
             strategy.domain,
@@ -334,7 +379,7 @@ class Renderer:
             with comm.counting() as comm_counts, torch.inference_mode():
                 seams = self._denoise_and_decode(job, strategy, noise, velocity, writer, inputs, resume, saved)
             if writer is not None:
-                log.info("mux: audio of %s into %s", job.audio, job.output)
+                log.info("mux: audio of %s into %s", soundtrack, job.output)
                 with self.timer("mux"):
                     writer.finish()
             stats.windows = strategy.details()
@@ -360,11 +405,22 @@ class Renderer:
                     flops=run_flops(cfg, topo, strategy, stats, inputs, self.timer, self.decode_stats, self.vae),
                     memory=self.memory.as_dict(),
                 )
+                if getattr(job, "speakers", None) is not None:
+                    from avatar.pipeline.speakers import report_section
+
+                    layout, infos = self.speakers_report
+                    seconds = inputs.speaker_audio.seconds
+                    report["speakers"] = report_section(job.speakers, layout, infos, gains, seconds)
+                    report["inputs"]["audio"] = list(job.audio_files().values())
+                    report["inputs"]["speakers"] = job.speakers.source
                 conflict = publish(cfg, job, writer, report, state, key)
         except BaseException:
             if writer is not None:
                 writer.abort()
             raise
+        finally:
+            if mixed:
+                remove_soundtrack(soundtrack)
         if topo.is_main and conflict is None:
             log.info(
                 "wrote %s (%d frames, %.1f s) in %.1f s",

@@ -1,6 +1,6 @@
 """``AvatarPipeline`` from a plain Python process (this one, no torchrun): the models load once and serve two calls,
-one from paths and one from a PIL image and a sample array; both give the command line's video for the same seed;
-bad input is refused with the command line's message before anything renders."""
+one from paths and one from a PIL image and a sample array; both give the command line's video for the same seed, and
+so does one speaker given as ``speakers=[...]``; bad input is refused with the command line's message before anything renders."""
 
 from __future__ import annotations
 
@@ -42,6 +42,20 @@ def test_two_calls_on_models_loaded_once_give_the_cli_video(tiny_weights, one_se
     # the same modules served both calls; the encoders were loaded by the first call only
     assert pipe.renderer.model is model and pipe.renderer.vae is vae
     assert "load_encoders" not in second.report["timings_seconds"]
+
+    # several speakers through the API: one speaker given as an array renders the audio= video bit for bit
+    third = pipe(
+        image=EXAMPLES / "portrait.jpg",
+        speakers=[{"audio": (wav, rate), "face": "auto", "name": "Eileen"}],
+        seed=REFERENCE_SEED,
+        steps=REFERENCE_STEPS,
+    )
+    np.testing.assert_array_equal(third.frames, first.frames)
+    assert [s["name"] for s in third.report["speakers"]] == ["Eileen"] and len(third.audio) == len(first.audio)
+    with pytest.raises(
+        InputError, match=r'speaker \d \("speaker \d"\) face: "auto" but image=.*portrait\.jpg has \d detected'
+    ):
+        pipe(image=EXAMPLES / "portrait.jpg", speakers=[{"audio": one_second_clip, "face": "auto"}] * 2)
 
     text = tmp_path / "notes.txt"
     text.write_text("not a picture\n")

@@ -157,3 +157,27 @@ def test_jsonl_null_is_refused(tmp_path, key):
     (row,) = read_manifest(path)
     assert f"{key} is null; give a value or leave the key out" in row.error
     assert row.videoid != "None"
+
+
+def test_jsonl_rows_with_speakers_inline_from_a_file_or_with_turns(tmp_path):
+    (tmp_path / "two.json").write_text(
+        json.dumps([{"audio": "a.wav", "face": "auto"}, {"audio": "b.wav", "face": "auto"}])
+    )
+    rows = [
+        {"videoid": "inline", "image": "p.jpg", "speakers": [{"audio": "a.wav", "face": [0, 0, 9, 9], "name": "Ann"}]},
+        {"videoid": "file", "image": "p.jpg", "speakers": "two.json"},
+        {"videoid": "turns", "image": "p.jpg", "audio": "both.wav", "speakers": [{"face": "auto", "turns": [[0, 1]]}]},
+        {"videoid": "both", "image": "p.jpg", "audio": "x.wav", "speakers": "two.json"},
+        {"videoid": "bad", "image": "p.jpg", "speakers": [{"audio": "a.wav", "face": "left"}]},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    inline, from_file, turns, both, bad = read_manifest(path)
+    assert inline.error == "" and inline.audio == "" and inline.speakers.speakers[0].name == "Ann"
+    assert inline.speakers.speakers[0].audio == str(tmp_path / "a.wav")
+    assert from_file.error == "" and len(from_file.speakers) == 2
+    assert turns.error == "" and turns.speakers.turns and turns.audio == str(tmp_path / "both.wav")
+    assert "a shared recording is given" in both.error
+    assert 'speaker 1 ("speaker 1") face' in bad.error and f"{path} line 5" in bad.error
+    good, refused = validate_rows([inline, from_file, turns, both, bad], "skip")
+    assert [r.videoid for r in good] == ["inline", "file", "turns"] and len(refused) == 2

@@ -136,3 +136,17 @@ def test_the_renderer_preflight_resolves_or_refuses_before_loading(tiny_weights)
         preflight(cfg, Topology())
     cfg = compose(["model=tiny", f"weights={tiny_weights}", "memory.gpu_memory_gb=1"])
     assert preflight(cfg, Topology()).mode == MemoryMode.none  # the tiny model fits 1 GB as it is
+
+
+def test_several_speakers_count_their_audio_features_and_adapter_work(cache):
+    """Each extra speaker track adds its Whisper features and its audio tokens / adapter outputs to the denoise."""
+    plan = ParallelPlan.resolve(ParallelConfig(), 1, OFFICIAL.num_heads)
+    one = mp.planning_geometry(OFFICIAL, 5)
+    two = mp.Geometry(one.width, one.height, one.num_frames, speakers=2)
+    chosen = mp.placement(MemoryConfig(), MemoryMode.none)
+    d1 = mp.estimate(plan, OFFICIAL, one, None, chosen, cache=cache).stage("denoise").parts
+    d2 = mp.estimate(plan, OFFICIAL, two, None, chosen, cache=cache).stage("denoise").parts
+    per_track = 4 * one.num_frames * OFFICIAL.audio_window * OFFICIAL.audio_layers * OFFICIAL.audio_channels
+    assert d1["audio features"] == per_track and d2["audio features"] == 2 * per_track
+    assert d2["activations"] > d1["activations"]
+    assert "2 speakers" in two.describe() and "speakers" not in one.describe()
