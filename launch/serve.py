@@ -36,10 +36,12 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, ParallelPlan]:
     """Compose and check everything that needs no model, resolving the one plan; raises InputError."""
     from avatar.plan import resolve_plan
     from avatar.serve.app import check_serve
+    from avatar.validate import check_config
     from avatar.validate import check_weights as validate_weights
     from launch.dist import read_env
 
     cfg = compose(argv)
+    check_config(cfg)
     check_serve(cfg)
     _, world_size, _, gpus_per_node = read_env()
     plan = resolve_plan(cfg, world_size, gpus_per_node)
