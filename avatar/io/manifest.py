@@ -212,6 +212,8 @@ def _read_jsonl(lines: list[tuple[str, str]], path: Path) -> Manifest:
         for key in ("videoid", "image", "audio", "prompt"):
             if key in record and record[key] is not None and not isinstance(record[key], str):
                 errors.append(f"{key} must be a string, got {type(record[key]).__name__}")
+            elif isinstance(record.get(key), str) and _stray_byte(record[key]):
+                errors.append(f"{key}: {_stray_byte(record[key])} of the decoded string")
         overrides, override_error = _parse_overrides(record)
         if override_error:
             errors.append(override_error)
@@ -221,8 +223,8 @@ def _read_jsonl(lines: list[tuple[str, str]], path: Path) -> Manifest:
         rows.append(
             Row(
                 videoid=str(record.get("videoid", "")).strip(),
-                image=_resolve(str(record.get("image") or ""), path.parent),
-                audio=_resolve(str(record.get("audio") or ""), path.parent),
+                image="" if errors else _resolve(str(record.get("image") or ""), path.parent),
+                audio="" if errors else _resolve(str(record.get("audio") or ""), path.parent),
                 prompt=str(record.get("prompt") or "").strip(),
                 fps=fps,
                 line=number,
@@ -253,7 +255,7 @@ def _parse_overrides(record: dict) -> tuple[dict, str]:
                 return {}, f"seed {value} must be from 0 to {SEED_MAX} (2**63 - 2)"
             overrides[key] = value
     if "strategy" in record:
-        if record["strategy"] not in Strategy.__members__:
+        if not isinstance(record["strategy"], str) or record["strategy"] not in Strategy.__members__:
             return {}, f"strategy {record['strategy']!r} is not valid; choose one of: {', '.join(Strategy)}"
         overrides["strategy"] = Strategy(record["strategy"])
     return overrides, ""
