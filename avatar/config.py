@@ -286,9 +286,11 @@ class ModelConfig:
     """Template tokens cropped from the front of the LLaVA hidden states."""
     text_image_tokens: int = num(576, ge=1)
     """Image features the LLaVA vision tower gives per image (replace the single <image> token)."""
-    text_hidden_layer: int = num(-3, text="an integer (negative: counted from the last hidden state)")
+    text_hidden_layer: int = num(
+        -3, text="an integer among the LLaVA model's hidden states in the weights (negative: from the last)"
+    )
     """Which LLaVA hidden state is used (−3: skip the last two layers)."""
-    clip_max_length: int = num(77, ge=1)
+    clip_max_length: int = num(77, ge=1, note="at most the positions of the CLIP text encoder in the weights")
     """CLIP tokenizer max length."""
 
     # --- audio conditioning ---
@@ -319,7 +321,7 @@ class ModelConfig:
     """Short side of the rendered video before bucketing (multiples of 64)."""
     bucket_multiple: int = num(64, ge=1, note="a multiple of model.vae_spatial_ratio × the patch side")
     """Rendered sides are rounded to multiples of this."""
-    llava_image_size: int = num(336, ge=1)
+    llava_image_size: int = num(336, ge=1, note="the side the LLaVA vision tower in the weights takes")
     """Side of the square image fed to the LLaVA vision tower."""
     window_frames: int = num(129, ge=1, note="model.vae_temporal_ratio·k + 1 with k ≥ 1")
     """Video frames per denoising window (129 = 33 latent frames)."""

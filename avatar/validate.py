@@ -540,6 +540,44 @@ def check_weights(cfg: RunConfig) -> None:
             f"weights={cfg.weights} does not match model={cfg.model.name} ({len(problems)} problem(s): {shown}); "
             f"run `python -m launch.weights verify {cfg.weights} model={cfg.model.name}` for the full report"
         )
+    check_encoder_settings(cfg)
+
+
+def check_encoder_settings(cfg: RunConfig) -> None:
+    """The model fields the encoders' own configs bound (read from their config.json, no model built): the CLIP
+    prompt length within its position table, the LLaVA hidden state among its layers, the LLaVA image side the one
+    its vision tower was trained at."""
+    import json
+
+    from avatar.config import OFFICIAL_CLIP_DIR, OFFICIAL_LLAVA_DIR
+
+    def read(folder: str) -> dict:
+        try:
+            return json.loads((Path(cfg.weights) / folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}  # verify_weights has named a missing or unreadable file already
+
+    m, where = cfg.model, f"the weights in {cfg.weights}"
+    clip = read(OFFICIAL_CLIP_DIR)
+    positions = clip.get("max_position_embeddings")
+    if isinstance(positions, int) and m.clip_max_length > positions:
+        raise InputError(
+            f"model.clip_max_length={m.clip_max_length} is invalid with {where}: their CLIP text encoder has "
+            f"{positions} positions; give an integer from 1 to {positions}"
+        )
+    llava = read(OFFICIAL_LLAVA_DIR)
+    layers = llava.get("text_config", {}).get("num_hidden_layers")
+    if isinstance(layers, int) and not -(layers + 1) <= m.text_hidden_layer <= layers:
+        raise InputError(
+            f"model.text_hidden_layer={m.text_hidden_layer} is invalid with {where}: their LLaVA model gives "
+            f"{layers + 1} hidden states; give an integer from {-(layers + 1)} to {layers}"
+        )
+    side = llava.get("vision_config", {}).get("image_size")
+    if isinstance(side, int) and m.llava_image_size != side:
+        raise InputError(
+            f"model.llava_image_size={m.llava_image_size} is invalid with {where}: their LLaVA vision tower takes "
+            f"{side}×{side} images; give {side}"
+        )
 
 
 # --- single values and the output path ------------------------------------------------------------------------

@@ -408,6 +408,9 @@ OUT_OF_DOMAIN = [
     (["model.vae_tile_stride_frames=40"], ["model.vae_tile_stride_frames=40", "4 to 32"]),
     (["audio.sample_rate=8000"], ["audio.sample_rate=8000", "16000"]),
     (["sampling.joint_face_mask_scale=nan"], ["sampling.joint_face_mask_scale=nan", "≥ 0"]),
+    (["model.clip_max_length=1000"], ["model.clip_max_length=1000", "1 to 77"]),
+    (["model.text_hidden_layer=-100"], ["model.text_hidden_layer=-100", "-5 to 4"]),
+    (["model.llava_image_size=1"], ["model.llava_image_size=1", "give 28"]),
 ]
 
 

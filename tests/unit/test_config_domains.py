@@ -135,3 +135,21 @@ def test_every_rule_names_its_keys_and_is_documented():
         assert rule.keys and rule.text
         known = {key for key, _, _ in declared_fields()}
         assert set(rule.keys) <= known, rule.keys
+
+
+def test_encoder_settings_are_held_to_the_weights(tiny_weights):
+    """Three model fields are bounded by the encoders' own configs in the weights folder (read, not built): each
+    was a traceback inside the text encoder once the models had loaded."""
+    from avatar.validate import check_encoder_settings
+
+    args = ["model=tiny", f"weights={tiny_weights}"]
+    check_encoder_settings(compose(args))
+    for override, words in [
+        ("model.clip_max_length=1000", ["model.clip_max_length=1000", "77 positions", "1 to 77"]),
+        ("model.text_hidden_layer=-100", ["model.text_hidden_layer=-100", "from -5 to 4"]),
+        ("model.llava_image_size=1", ["model.llava_image_size=1", "28×28", "give 28"]),
+    ]:
+        with pytest.raises(InputError) as refused:
+            check_encoder_settings(compose([*args, override]))
+        for word in words:
+            assert word in str(refused.value), str(refused.value)
