@@ -154,6 +154,8 @@ def _default(f: dataclasses.Field) -> str:
         value = value.value
     if value is None:
         return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
     return f"`{value}`" if value != "" else '`""`'
 
 
