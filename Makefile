@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install check-install demo tiny-weights test test-fast test-dist test-gpu test-cluster lint format print-config plan run bench clean
+.PHONY: install check-install demo tiny-weights test test-fast test-dist test-gpu test-cluster lint format docs print-config plan run bench clean
 
 install: $(STAMP)
 
@@ -61,6 +61,10 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# docs/config.md is generated from the typed config's declarations (tests/unit/test_config_doc.py fails when stale).
+docs: install
+	$(PY) -m avatar.config_doc --write docs/config.md
 
 print-config: install
 	$(PY) -m launch.config $(ARGS)

@@ -8,7 +8,7 @@ requirements = [
     for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
     if line.split("#")[0].strip()
 ]
-dev = {"pytest", "pytest-timeout", "ruff", "httpx", "selenium"}
+dev = {"pytest", "pytest-timeout", "hypothesis", "ruff", "httpx", "selenium"}
 
 # Data shipped inside the package: the Hydra config groups (configs/ -> avatar/_configs/), the weights manifest
 # (weights/ -> avatar/_weights/, manifest and README only) and the Slurm templates (launch/slurm/). avatar/resources.py

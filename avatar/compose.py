@@ -123,7 +123,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     overrides, literals = [], {}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep:
+        if not sep or not key.lstrip("+~"):
             raise InputError(f"argument {arg!r} is not key=value (e.g. image=portrait.jpg); see --help")
         if key in PATH_KEYS and value not in group_options(key):
             key = f"{key}.{PATH_KEYS[key]}"
@@ -148,7 +148,8 @@ def compose_dict(argv: list[str]):
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             node = hydra_compose(config_name="config", overrides=list(argv))
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        # ValueError: Hydra's own refusal of a group override that is not a name (``model=5``, ``sampling=1.5``)
         raise InputError(f"bad config override: {_one_line(err)}") from None
     return node
 

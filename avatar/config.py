@@ -1,7 +1,10 @@
 """Typed configuration schemas.
 
-Every field has a docstring-style comment. ``launch/config.py`` registers these dataclasses in Hydra's ConfigStore;
-the YAML files under ``configs/`` fill them. Nothing in ``avatar/`` reads argv or the environment: the resolved
+Every field has a docstring-style comment. ``avatar/compose.py`` registers these dataclasses in Hydra's ConfigStore;
+the YAML files under ``configs/`` fill them. Every numeric field declares its valid values next to its type
+(``num(default, ge=..., gt=..., le=..., multiple_of=...)``: a ``Range`` in the field's metadata) and every path field
+its kind (``pathfield("file" | "folder" | "output")``); ``avatar.validate.check_domains`` applies them (with the rules
+between fields, ``avatar.validate.RULES``) and ``python -m avatar.config_doc`` prints them as docs/config.md. Nothing in ``avatar/`` reads argv or the environment: the resolved
 ``RunConfig`` is passed in.
 
 Three kinds of settings live in separate dataclasses: what the network *is* (``ModelConfig``), how a video is
@@ -11,6 +14,8 @@ Three kinds of settings live in separate dataclasses: what the network *is* (``M
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Optional
@@ -28,6 +33,107 @@ OFFICIAL_MOTION_POSE = 25.0
 
 #: Seeds are 0 .. SEED_MAX (the reference-latent draw uses seed + 1, which must fit torch's 64-bit generator).
 SEED_MAX = 2**63 - 2
+
+
+# --- domains: what each field accepts, declared next to its type ---------------------------------------------------
+
+
+class PathKind(StrEnum):
+    """What a path field names (``pathfield(kind)``)."""
+
+    file = "file"
+    """An existing regular file the run reads."""
+    folder = "folder"
+    """An existing folder the run reads."""
+    output = "output"
+    """A path the run writes (a file, or a folder it creates)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field (``num(default, ge=..., ...)``); for a list field, of each item.
+
+    ``ge``/``gt`` and ``le`` bound the value (None: unbounded), ``multiple_of`` asks for multiples, ``note`` is
+    appended in parentheses, ``text`` replaces the generated wording. Floats must be finite; an int field takes an
+    integer (never a bool). ``avatar.validate.check_domains`` applies every declaration; ``avatar.config_doc`` prints
+    them in docs/config.md."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    multiple_of: int | None = None
+    note: str = ""
+    text: str = ""
+    auto: bool = False
+    """The text field also takes ``auto`` (the parallel degrees: ``auto`` or an integer as text)."""
+
+    def holds(self, value, integer: bool) -> bool:
+        """``value`` is of the field's kind (an integer for an int field, a finite number otherwise) and in range."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        if integer and not isinstance(value, numbers.Integral):
+            return False
+        if not integer and not math.isfinite(value):
+            return False
+        if self.ge is not None and value < self.ge:
+            return False
+        if self.gt is not None and value <= self.gt:
+            return False
+        if self.le is not None and value > self.le:
+            return False
+        return self.multiple_of is None or value % self.multiple_of == 0
+
+    def describe(self, integer: bool) -> str:
+        """The range in words: ``an integer ≥ 1 (the official value is 50)``, ``a number > 0``."""
+        if self.text:
+            return self.text
+        noun = "an integer" if integer or self.auto else "a number"
+        if self.multiple_of is not None:
+            noun = f"a multiple of {self.multiple_of}"
+        if self.multiple_of is not None and self.ge == self.multiple_of and self.le is None:
+            words = f"a positive multiple of {self.multiple_of}"
+        elif self.ge is not None and self.le is not None:
+            words = f"{_num(self.ge)}" if self.ge == self.le else f"{noun} from {_num(self.ge)} to {_num(self.le)}"
+        elif self.gt is not None and self.le is not None:
+            words = f"{noun} > {_num(self.gt)} and ≤ {_num(self.le)}"
+        elif self.ge is not None:
+            words = f"{noun} ≥ {_num(self.ge)}"
+        elif self.gt is not None:
+            words = f"{noun} > {_num(self.gt)}"
+        elif self.le is not None:
+            words = f"{noun} ≤ {_num(self.le)}"
+        else:
+            words = noun
+        if self.auto:
+            words = f"auto or {words}"
+        return f"{words} ({self.note})" if self.note else words
+
+
+def _num(value) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def num(default=MISSING, *, factory=None, **bounds):
+    """A numeric field with its ``Range`` (``ge``, ``gt``, ``le``, ``multiple_of``, ``note``, ``text``)."""
+    meta = {"range": Range(**bounds)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def pathfield(kind: str, default=None):
+    """A path field of ``kind`` (``file``, ``folder`` or ``output``; see ``PathKind``)."""
+    return field(default=default, metadata={"path": PathKind(kind)})
+
+
+def domain_of(cls, name: str) -> Range | PathKind | None:
+    """The declared ``Range`` or ``PathKind`` of field ``name`` of dataclass ``cls`` (None: an enum, bool or text)."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("range") or f.metadata.get("path")
+    raise KeyError(name)
 
 
 class Strategy(StrEnum):
@@ -158,84 +264,94 @@ class ModelConfig:
     """Model name: ``hunyuan_avatar`` (the official 13B checkpoint) or ``tiny`` (same classes, CPU-sized)."""
 
     # --- DiT widths and depths ---
-    hidden_size: int = 3072
+    hidden_size: int = num(
+        3072, ge=4, multiple_of=4, note="model.hidden_size / model.num_heads = sum(model.rope_axes)"
+    )
     """Token width of the DiT."""
-    num_heads: int = 24
+    num_heads: int = num(24, ge=1)
     """Attention heads; head_dim = hidden_size // num_heads."""
-    depth_double: int = 20
+    depth_double: int = num(20, ge=0)
     """Number of double-stream (MM-DiT) blocks."""
-    depth_single: int = 40
+    depth_single: int = num(40, ge=1)
     """Number of single-stream blocks."""
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = num(4.0, gt=0)
     """MLP hidden width = hidden_size * mlp_ratio."""
-    refiner_depth: int = 2
+    refiner_depth: int = num(2, ge=1)
     """Blocks of the text token refiner (txt_in)."""
-    latent_channels: int = 16
+    latent_channels: int = num(16, ge=1)
     """VAE latent channels (DiT in/out channels)."""
-    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    patch_size: list[int] = num(factory=lambda: [1, 2, 2], ge=1, text="[1, p, p] with p ≥ 1")
     """(t, h, w) patch of img_in / ref_in."""
-    rope_axes: list[int] = field(default_factory=lambda: [16, 56, 56])
+    rope_axes: list[int] = num(
+        factory=lambda: [16, 56, 56], ge=2, multiple_of=2, text="three even integers ≥ 2 summing to the head width"
+    )
     """RoPE dims per (t, h, w) axis; they sum to head_dim."""
-    rope_theta: float = 256.0
+    rope_theta: float = num(256.0, gt=0)
     """RoPE base."""
-    time_embed_dim: int = 256
+    time_embed_dim: int = num(256, ge=2, multiple_of=2)
     """Sinusoidal timestep embedding size fed to the TimestepEmbedders."""
 
     # --- text conditioning ---
-    text_states_dim: int = 4096
+    text_states_dim: int = num(4096, ge=1)
     """Width of the LLaVA-Llama hidden states (txt_in input)."""
-    text_states_dim_2: int = 768
+    text_states_dim_2: int = num(768, ge=1)
     """Width of the CLIP pooled output (vector_in input)."""
-    text_len: int = 256
+    text_len: int = num(256, ge=1)
     """Prompt tokens kept after the template crop."""
-    text_crop_start: int = 95
+    text_crop_start: int = num(95, ge=0)
     """Template tokens cropped from the front of the LLaVA hidden states."""
-    text_image_tokens: int = 576
+    text_image_tokens: int = num(576, ge=1)
     """Image features the LLaVA vision tower gives per image (replace the single <image> token)."""
-    text_hidden_layer: int = -3
+    text_hidden_layer: int = num(
+        -3, text="an integer among the LLaVA model's hidden states in the weights (negative: from the last)"
+    )
     """Which LLaVA hidden state is used (−3: skip the last two layers)."""
-    clip_max_length: int = 77
+    clip_max_length: int = num(77, ge=1, note="at most the positions of the CLIP text encoder in the weights")
     """CLIP tokenizer max length."""
 
     # --- audio conditioning ---
-    audio_window: int = 10
+    audio_window: int = num(10, ge=1)
     """Whisper frames per video frame fed to audio_proj (a 200 ms window at 25 fps)."""
-    audio_layers: int = 5
+    audio_layers: int = num(5, ge=1)
     """Whisper hidden states stacked per frame (embedding output + encoder layers)."""
-    audio_channels: int = 384
+    audio_channels: int = num(384, ge=1)
     """Whisper hidden width (whisper-tiny: 384)."""
-    audio_proj_dim: int = 1024
+    audio_proj_dim: int = num(1024, ge=1)
     """Intermediate width of audio_proj (AudioProjNet2)."""
-    audio_tokens: int = 4
+    audio_tokens: int = num(4, ge=1)
     """Audio tokens produced per video frame by audio_proj."""
-    adapter_dim: int = 1024
+    adapter_dim: int = num(1024, ge=1)
     """Inner width of the single-head audio adapters (PerceiverAttentionCA dim_head)."""
-    adapter_after_double: list[int] = field(default_factory=lambda: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19])
+    adapter_after_double: list[int] = num(
+        factory=lambda: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19], ge=0, text="indices from 0 to model.depth_double - 1"
+    )
     """0-based double-block indices after which an audio adapter runs."""
     # --- VAE and geometry ---
-    vae_temporal_ratio: int = 4
+    vae_temporal_ratio: int = num(4, ge=1)
     """Video frames per latent frame (after the first)."""
-    vae_spatial_ratio: int = 8
+    vae_spatial_ratio: int = num(8, ge=1)
     """Pixels per latent pixel per side."""
-    vae_scaling_factor: float = 0.476986
+    vae_scaling_factor: float = num(0.476986, gt=0)
     """Latent scaling factor."""
-    image_size: int = 704
+    image_size: int = num(704, ge=1, note="a multiple of model.bucket_multiple")
     """Short side of the rendered video before bucketing (multiples of 64)."""
-    bucket_multiple: int = 64
+    bucket_multiple: int = num(64, ge=1, note="a multiple of model.vae_spatial_ratio × the patch side")
     """Rendered sides are rounded to multiples of this."""
-    llava_image_size: int = 336
+    llava_image_size: int = num(336, ge=1, note="the side the LLaVA vision tower in the weights takes")
     """Side of the square image fed to the LLaVA vision tower."""
-    window_frames: int = 129
+    window_frames: int = num(129, ge=1, note="model.vae_temporal_ratio·k + 1 with k ≥ 1")
     """Video frames per denoising window (129 = 33 latent frames)."""
-    shift_offset: int = 10
+    shift_offset: int = num(10, ge=0)
     """Latent frames the `shift` strategy moves its window grid by per step."""
-    vae_tile_frames: int = 64
+    vae_tile_frames: int = num(64, ge=1, note="a multiple of model.vae_temporal_ratio")
     """VAE decode temporal tile, in video frames (official 64)."""
-    vae_tile_stride_frames: int = 48
+    vae_tile_stride_frames: int = num(
+        48, ge=1, note="a multiple of model.vae_temporal_ratio, at most model.vae_tile_frames"
+    )
     """VAE decode temporal tile stride, in video frames (official 48)."""
-    vae_tile_size: int = 256
+    vae_tile_size: int = num(256, ge=1, note="a multiple of model.vae_spatial_ratio")
     """VAE spatial tile, in pixels (official 256)."""
-    vae_tile_stride: int = 192
+    vae_tile_stride: int = num(192, ge=1, note="a multiple of model.vae_spatial_ratio, at most model.vae_tile_size")
     """VAE spatial tile stride, in pixels (official 192)."""
     face_detector: FaceDetectorKind = FaceDetectorKind.official
     """Face detector: ``official`` (TorchScript det_align/detface.pt) or ``opencv`` (OpenCV's bundled Haar cascade)."""
@@ -245,21 +361,21 @@ class ModelConfig:
 class SamplingConfig:
     """How a window is denoised (§4 of the dossier)."""
 
-    steps: int = 50
+    steps: int = num(50, ge=1, note="the official value is 50")
     """Denoising steps."""
-    shift: float = 5.0
+    shift: float = num(5.0, gt=0)
     """Flow-matching timestep shift."""
-    cfg_scale: float = 7.5
+    cfg_scale: float = num(7.5, ge=0)
     """Joint text+audio guidance at step 0 of the first phase."""
-    joint_cfg_steps: int = 10
+    joint_cfg_steps: int = num(10, ge=0)
     """Steps of the first (text+audio) guidance phase."""
-    joint_cfg_floor: float = 2.0
+    joint_cfg_floor: float = num(2.0, ge=0)
     """Guidance the first-phase linear ramp heads to."""
-    audio_cfg_max: float = 6.5
+    audio_cfg_max: float = num(6.5, ge=0)
     """Second-phase (audio-only) guidance ramp top."""
-    audio_cfg_min: float = 3.5
+    audio_cfg_min: float = num(3.5, ge=0)
     """Second-phase (audio-only) guidance ramp floor."""
-    joint_face_mask_scale: float = 0.6
+    joint_face_mask_scale: float = num(0.6, ge=0)
     """Face-mask multiplier during the first phase (both branches)."""
     negative_prompt: str = (
         "Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, "
@@ -282,10 +398,10 @@ class SamplingConfig:
     """``official``: the official dtype roundings between steps; ``fp32``: exact float32 throughout."""
     reference_sample: bool = False
     """Draw the reference latent from the VAE posterior (official) instead of using its mean."""
-    motion_exp: float = OFFICIAL_MOTION_EXP
+    motion_exp: float = num(OFFICIAL_MOTION_EXP, ge=0)
     """Expression-motion bucket fed to the DiT's ``motion_exp`` embedder on every step (official constant: 30).
     Lower values tone facial motion down, higher values exaggerate it."""
-    motion_pose: float = OFFICIAL_MOTION_POSE
+    motion_pose: float = num(OFFICIAL_MOTION_POSE, ge=0)
     """Head-pose-motion bucket fed to the DiT's ``motion_pose`` embedder on every step (official constant: 25).
     Lower values keep the head stiller."""
 
@@ -294,18 +410,20 @@ class SamplingConfig:
 class AudioConfig:
     """Audio input, decoding and features (``audio=PATH`` on the command line sets ``audio.path``)."""
 
-    path: Optional[str] = None
+    path: Optional[str] = pathfield("file", None)
     """Speech audio path (wav, flac, mp3, m4a; any rate, mono or stereo)."""
-    sample_rate: int = 16000
+    sample_rate: int = num(
+        16000, ge=16000, le=16000, note="Whisper's input rate; audio of any rate is resampled to it"
+    )
     """Rate audio is resampled to for Whisper."""
-    max_seconds: Optional[float] = None
+    max_seconds: Optional[float] = num(None, gt=0)
     """Reject audio longer than this (None: no maximum)."""
     allow_damaged: bool = False
     """Render audio whose decoded length disagrees with its container's by more than one video frame (a corrupt
     stretch), with a warning in the log and ``audio_damaged`` in the report, instead of refusing it."""
-    chunk_seconds: float = 30.0
+    chunk_seconds: float = num(30.0, ge=30, le=30, note="Whisper's window")
     """Whisper encoder input length per piece."""
-    context_seconds: float = 2.0
+    context_seconds: float = num(2.0, ge=0, note="less than half of audio.chunk_seconds")
     """Overlapping context on each side of a Whisper piece, so features are continuous across pieces."""
 
 
@@ -316,24 +434,24 @@ class LongConfig:
     strategy: Strategy = Strategy.auto
     """``shift`` (official circular shifted windows), ``blend`` (lockstep overlapping windows averaged each step),
     ``segments`` (independent overlapping segments cross-faded, streamed to disk) or ``auto``."""
-    overlap_frames: int = 0
+    overlap_frames: int = num(0, ge=0, note="0: a quarter window; less than the window's latent frames")
     """Overlap between neighbouring windows in latent frames for blend/segments (0: a model default of a quarter
     window)."""
-    auto_segments_seconds: float = 20.0
+    auto_segments_seconds: float = num(20.0, gt=0)
     """With ``auto``: audio longer than this uses ``segments``, shorter uses ``shift``."""
 
 
 @dataclass
 class ParallelConfig:
-    """Degrees of the parallel plan. Each is an integer or ``auto`` (see launch/plan.py for the rule)."""
+    """Degrees of the parallel plan. Each is an integer or ``auto`` (see avatar/plan.py for the rule)."""
 
-    data: str = "auto"
+    data: str = num("auto", ge=1, auto=True)
     """Data-parallel groups (windows, segments or batch rows)."""
-    cfg: str = "auto"
+    cfg: str = num("auto", ge=1, le=2, auto=True)
     """CFG-parallel degree (1 or 2)."""
-    ulysses: str = "auto"
+    ulysses: str = num("auto", ge=1, auto=True)
     """Ulysses (all-to-all over heads) sequence-parallel degree."""
-    ring: str = "auto"
+    ring: str = num("auto", ge=1, auto=True)
     """Ring-attention sequence-parallel degree."""
 
 
@@ -358,9 +476,9 @@ class MemoryConfig:
     """``fsdp`` or ``none``; unset: from ``mode``."""
     offload: Optional[Offload] = None
     """``blocks``, ``model`` or ``none``; unset: from ``mode``."""
-    gpu_memory_gb: Optional[float] = None
+    gpu_memory_gb: Optional[float] = num(None, gt=0)
     """Plan for this much free memory per GPU (GB, 10^9 bytes) instead of asking the device."""
-    token_chunk: int = 8192
+    token_chunk: int = num(8192, ge=0, note="0: no chunking")
     """Tokens per chunk of the single blocks' linear1/MLP/linear2 (exact; 0: no chunking)."""
 
 
@@ -368,9 +486,9 @@ class MemoryConfig:
 class OutputConfig:
     """Where and how the video is written."""
 
-    path: str = "outputs/out.mp4"
+    path: str = pathfield("output", "outputs/out.mp4")
     """Output mp4 path (``output=PATH.mp4`` on the command line sets this)."""
-    crf: int = 18
+    crf: int = num(18, ge=0, le=51, text="an integer from 0 (lossless) to 51")
     """libx264 constant rate factor (0 lossless .. 51)."""
     preset: X264Preset = X264Preset.medium
     """libx264 preset."""
@@ -380,13 +498,13 @@ class OutputConfig:
 class BatchConfig:
     """Batch manifests (``batch=PATH`` sets ``batch.manifest``)."""
 
-    manifest: Optional[str] = None
+    manifest: Optional[str] = pathfield("file", None)
     """CSV (official columns videoid,image,audio,prompt,fps) or JSON Lines manifest."""
     on_error: OnError = OnError.stop
     """``stop`` at the first bad row, or ``skip`` it and list it in the summary."""
-    shard_index: Optional[int] = None
+    shard_index: Optional[int] = num(None, ge=0, note="less than batch.shard_count")
     """This job's shard of the manifest, 0-based (``launch/slurm/array.sbatch`` sets it from SLURM_ARRAY_TASK_ID)."""
-    shard_count: Optional[int] = None
+    shard_count: Optional[int] = num(None, ge=1)
     """Number of shards (``array.sbatch``: SLURM_ARRAY_TASK_COUNT)."""
     wait_for_lock: bool = False
     """Another run holds this output's lock (``output_dir/.state/lock``, or ``<output>.state/lock`` for one video):
@@ -400,7 +518,7 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     """Address to bind. Loopback by default; any other address needs ``serve.api_key``."""
-    port: int = 8000
+    port: int = num(8000, ge=0, le=65535, note="0: any free port")
     """TCP port (0: any free port; the one chosen is written to ``<data_dir>/server.json``)."""
     api_key: Optional[str] = None
     """When set, every ``/v1`` request needs ``Authorization: Bearer <api_key>`` (else 401). Any UTF-8 text without
@@ -415,24 +533,24 @@ class ServeConfig:
     store: Optional[str] = None
     """The job database: ``sqlite:///PATH`` (one machine) or ``postgresql://USER@HOST:PORT/DB`` (shared by API
     front ends and workers on many machines). Default: ``sqlite:///<data_dir>/jobs.sqlite3``."""
-    data_dir: str = "outputs/serve"
+    data_dir: str = pathfield("output", "outputs/serve")
     """Uploads, finished videos and the resume state of unfinished jobs; storage every API front end and worker of
     one store sees (a shared file system across machines)."""
-    lease_seconds: float = 60.0
+    lease_seconds: float = num(60.0, gt=0)
     """How long a worker's claim on a job lasts without a heartbeat (it heartbeats every quarter of it while it
     renders); a job whose worker died is taken over by another worker this long after the last heartbeat, and
     resumes from its last checkpoint."""
-    max_queue: int = 16
+    max_queue: int = num(16, ge=1)
     """Jobs queued or running at most; a new job beyond it gets 429."""
-    max_image_mb: float = 20.0
+    max_image_mb: float = num(20.0, gt=0)
     """Largest accepted image upload, in MiB (413 beyond)."""
-    max_audio_mb: float = 50.0
+    max_audio_mb: float = num(50.0, gt=0)
     """Largest accepted audio upload, in MiB (413 beyond)."""
-    max_audio_seconds: float = 300.0
+    max_audio_seconds: float = num(300.0, gt=0)
     """Longest accepted audio, in seconds (also bounded by ``audio.max_seconds`` when that is set)."""
-    max_image_side: int = 4096
+    max_image_side: int = num(4096, ge=64, note="the smallest accepted image side")
     """Largest accepted image width or height, in pixels."""
-    max_steps: int = 100
+    max_steps: int = num(100, ge=1)
     """Most denoising steps one request may ask for (400 beyond); the official value is 50."""
 
 
@@ -451,20 +569,20 @@ class RunConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
-    image: Optional[str] = None
+    image: Optional[str] = pathfield("file", None)
     """Portrait image path."""
-    speakers: Optional[str] = None
+    speakers: Optional[str] = pathfield("file", None)
     """Several people talking: a JSON file listing the speakers, each with its own track and face
     (``[{"audio": PATH, "face": "auto" | [x0, y0, x1, y1], "name": ...}, ...]``), or one shared recording with
     per-speaker turns (``{"audio": PATH, "speakers": [{"face": ..., "turns": [[start_s, end_s], ...]}]}``); see
     ``avatar/pipeline/speakers.py``. Without it ``audio=`` drives the one face of the portrait."""
     prompt: str = "A person is speaking to the camera."
     """Scene description, taken literally (commas, quotes, ``${...}``, newlines are kept as typed)."""
-    prompt_file: Optional[str] = None
+    prompt_file: Optional[str] = pathfield("file", None)
     """Read the prompt from this UTF-8 text file instead (trailing newlines dropped)."""
-    weights: str = "weights/hunyuan_avatar"
+    weights: str = pathfield("folder", "weights/hunyuan_avatar")
     """Weights folder in the official layout (holds ckpts/...; ``avatar-weights download DIR`` fills one)."""
-    seed: int = 128
+    seed: int = num(128, ge=0, le=SEED_MAX, note="2**63 - 2")
     """Seed of every random draw (noise, reference-latent sample): an integer from 0 to 2**63 - 2."""
     overwrite: bool = False
     """Replace an existing output (atomically; never a file that is one of this run's inputs). Without it an output
@@ -472,7 +590,7 @@ class RunConfig:
     save_intermediates: bool = False
     """Save the denoise inputs (noise, text states, audio features, reference latents, face mask) beside the
     output."""
-    output_dir: Optional[str] = None
+    output_dir: Optional[str] = pathfield("output", None)
     """Batch mode: folder of <videoid>.mp4 outputs and the resume state."""
     device: Device = Device.auto
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
@@ -487,7 +605,7 @@ class RunConfig:
     """Regional ``torch.compile`` of the transformer blocks (one compiled block reused by all)."""
     load_key: LoadKey = LoadKey.module
     """State-dict key inside the official .pt (``module`` or ``ema``)."""
-    checkpoint_every: int = 5
+    checkpoint_every: int = num(5, ge=0, note="0: never")
     """Save the latents of the job in progress every N steps (0: never)."""
 
 

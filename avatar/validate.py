@@ -13,16 +13,19 @@ image's tokens per frame against ring·ulysses), then the weights (``avatar.weig
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import logging
 import math
-import numbers
 import os
 import tempfile
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avatar.config import RunConfig
+from avatar.config import PathKind, Range, RunConfig, domain_of
 from avatar.io.errors import InputError
 from avatar.io.manifest import Manifest, Row
 from avatar.plan import ParallelPlan, resolve_plan
@@ -99,13 +102,14 @@ def _check_fp8_compute(cfg: RunConfig) -> None:
         raise InputError(f"fp8_compute=true computes in bf16, not dtype={cfg.dtype}; use dtype=auto or dtype=bf16")
 
 
-def _positive(name: str, value, allow_zero: bool = False, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        need = "≥ 0" if allow_zero else "> 0"
-        raise InputError(f"{name}={value!r} is invalid; give a number {need}")
+# --- every field against its declared domain -----------------------------------------------------------------
+
+
+_PATH_WORDS = {
+    PathKind.file: "the path of an existing file",
+    PathKind.folder: "the path of an existing folder",
+    PathKind.output: "a path to write",
+}
 
 
 def check_host(cfg: RunConfig) -> None:
@@ -130,44 +134,264 @@ def check_host(cfg: RunConfig) -> None:
         )
 
 
-def check_config(cfg: RunConfig, host: bool = True) -> None:
-    """The rules between fields of the config (no files opened); with ``host``, also what this machine must have for
-    them (``check_host``). The server checks its host once at start-up and each request's fields with
-    ``host=False``."""
-    from avatar.pipeline.adaptive import check_cache_settings
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
 
-    check_seed(cfg.seed)
-    check_steps(cfg.sampling.steps)
-    s, a, m = cfg.sampling, cfg.audio, cfg.model
-    if not (isinstance(cfg.output.crf, int) and 0 <= cfg.output.crf <= 51):
-        raise InputError(f"output.crf={cfg.output.crf!r} is invalid; give an integer from 0 (lossless) to 51")
-    for name in ("motion_exp", "motion_pose", "cfg_scale", "audio_cfg_max", "audio_cfg_min", "joint_cfg_floor"):
-        _positive(f"sampling.{name}", getattr(s, name), allow_zero=True)
-    _positive("sampling.shift", s.shift)
-    if s.joint_cfg_steps < 0:
-        raise InputError(f"sampling.joint_cfg_steps={s.joint_cfg_steps} is invalid; give an integer ≥ 0")
-    _positive("audio.sample_rate", a.sample_rate)
-    _positive("audio.max_seconds", a.max_seconds, allow_none=True)
-    _positive("audio.chunk_seconds", a.chunk_seconds)
-    _positive("audio.context_seconds", a.context_seconds, allow_zero=True)
+
+def _field_type(hint) -> tuple[type, bool, bool]:
+    """``(base, optional, is_list)`` of a field's type hint (``Optional[int]`` → ``(int, True, False)``)."""
+    optional = False
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        optional = True
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], optional, True
+    return hint, optional, False
+
+
+def declared_fields(cls=RunConfig, prefix: str = ""):
+    """``(dotted key, dataclass field, type hint)`` of every leaf field of ``cls``, in declaration order (sections
+    of ``RunConfig`` in the order they are declared, top-level fields last)."""
+    sections, leaves = [], []
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            sections.append(declared_fields(hint, f"{prefix}{f.name}."))
+        else:
+            leaves.append((f"{prefix}{f.name}", f, hint))
+    for section in sections:
+        yield from section
+    yield from leaves
+
+
+def value_problem(key: str, value, declared: Range | PathKind, hint) -> str | None:
+    """What is wrong with ``value`` for the field ``key`` of type ``hint`` declared ``declared`` (one line naming the
+    key, the value and the valid range), or None."""
+    base, optional, is_list = _field_type(hint)
+    if isinstance(declared, PathKind):
+        if value is None or value == "":
+            return None  # unset: the rules that need it ("missing image", ...) say so
+        if not isinstance(value, str) or "\x00" in value:
+            return f"{key}={value!r} is invalid; give {_PATH_WORDS[declared]} (text without NUL bytes)"
+        return None
+    if value is None:
+        return None if optional else f"{key}=None is invalid; give {declared.describe(base is int)}"
+    if declared.auto:
+        text = str(value).strip().lower() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+        if text == "auto":
+            return None
+        number = int(text) if text is not None and text.lstrip("-").isdigit() else None
+        if number is not None and declared.holds(number, integer=True):
+            return None
+        return f"{key}={value!r} is invalid; give {declared.describe(True)}"
+    if is_list:
+        items = list(value) if isinstance(value, (list, tuple)) else None
+        if items is None or not all(declared.holds(item, base is int) for item in items):
+            return f"{key}={value!r} is invalid; give {declared.describe(base is int)}"
+        return None
+    if not declared.holds(value, base is int):
+        return f"{key}={value!r} is invalid; give {declared.describe(base is int)}"
+    return None
+
+
+def check_domains(cfg: RunConfig) -> None:
+    """Every numeric field within the ``Range`` and every path field of the ``PathKind`` declared next to its type
+    in ``avatar/config.py``, then every cross-field ``RULES`` entry; the first problem is one ``InputError`` line
+    naming the key, the value and what is valid. Opens no file."""
+    for key, f, hint in declared_fields():
+        declared = f.metadata.get("range") or f.metadata.get("path")
+        if declared is None:
+            continue
+        problem = value_problem(key, _get(cfg, key), declared, hint)
+        if problem:
+            raise InputError(problem)
+    for rule in RULES:
+        problem = rule.check(cfg)
+        if problem:
+            raise InputError(problem)
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule between fields: the ``keys`` it relates, the rule in words (``docs/config.md``) and its check (the
+    problem in one line, or None). The fields' own ranges hold when it runs."""
+
+    keys: tuple[str, ...]
+    text: str
+    check: typing.Callable[[RunConfig], str | None]
+
+
+def _context_rule(cfg: RunConfig) -> str | None:
+    a = cfg.audio
     if a.context_seconds * 2 >= a.chunk_seconds:
-        raise InputError(
+        return (
             f"audio.context_seconds={a.context_seconds} must be less than half of audio.chunk_seconds="
             f"{a.chunk_seconds} (each Whisper piece keeps its middle)"
         )
-    _positive("long.auto_segments_seconds", cfg.long.auto_segments_seconds)
-    _positive("memory.gpu_memory_gb", cfg.memory.gpu_memory_gb, allow_none=True)
-    if not isinstance(cfg.memory.token_chunk, int) or cfg.memory.token_chunk < 0:
-        raise InputError(f"memory.token_chunk={cfg.memory.token_chunk!r} is invalid; give 0 (no chunking) or tokens")
-    if cfg.long.overlap_frames < 0:
-        raise InputError(f"long.overlap_frames={cfg.long.overlap_frames} is invalid; give an integer ≥ 0")
-    if cfg.checkpoint_every < 0:
-        raise InputError(f"checkpoint_every={cfg.checkpoint_every} is invalid; give 0 (never) or a step count")
-    _check_model(m)
-    from avatar.memory.apply import check_placement
+    return None
 
+
+def _head_rule(cfg: RunConfig) -> str | None:
+    m = cfg.model
+    if len(m.rope_axes) != 3:
+        return f"model.rope_axes={m.rope_axes} is invalid; give three even integers ≥ 2 (the t, h and w axes)"
+    if m.hidden_size % m.num_heads or sum(m.rope_axes) != m.hidden_size // m.num_heads:
+        return (
+            f"model.hidden_size={m.hidden_size} / model.num_heads={m.num_heads} must give a head width equal to "
+            f"sum(model.rope_axes)={sum(m.rope_axes)} ({m.rope_axes})"
+        )
+    return None
+
+
+def _adapter_rule(cfg: RunConfig) -> str | None:
+    m = cfg.model
+    bad = [i for i in m.adapter_after_double if not 0 <= i < m.depth_double]
+    if bad:
+        return (
+            f"model.adapter_after_double={m.adapter_after_double}: {bad} are not double-block indices "
+            f"0..{m.depth_double - 1}"
+        )
+    return None
+
+
+def _patch_rule(cfg: RunConfig) -> str | None:
+    p = cfg.model.patch_size
+    if len(p) != 3 or p[0] != 1:
+        return f"model.patch_size={p} must be [1, p, p] (one token frame per latent frame)"
+    return None
+
+
+def _bucket_rule(cfg: RunConfig) -> str | None:
+    m = cfg.model
+    unit = m.vae_spatial_ratio * math.lcm(m.patch_size[1], m.patch_size[2])
+    if m.bucket_multiple % unit:
+        return (
+            f"model.bucket_multiple={m.bucket_multiple} is invalid with model.vae_spatial_ratio={m.vae_spatial_ratio} "
+            f"and model.patch_size={m.patch_size}; give a multiple of {unit} (every rendered side must split into "
+            "whole patches of latent pixels)"
+        )
+    if m.image_size % m.bucket_multiple:
+        return (
+            f"model.image_size={m.image_size} must be a positive multiple of model.bucket_multiple={m.bucket_multiple}"
+        )
+    return None
+
+
+def _window_rule(cfg: RunConfig) -> str | None:
+    m = cfg.model
+    r = m.vae_temporal_ratio
+    if m.window_frames < r + 1 or (m.window_frames - 1) % r:
+        return (
+            f"model.window_frames={m.window_frames} is invalid with model.vae_temporal_ratio={r}; give {r}·k + 1 "
+            f"video frames with k ≥ 1 ({r + 1}, {2 * r + 1}, {3 * r + 1}, …; official 129)"
+        )
+    return None
+
+
+def _overlap_rule(cfg: RunConfig) -> str | None:
+    m = cfg.model
+    window = (m.window_frames - 1) // m.vae_temporal_ratio + 1
+    if cfg.long.overlap_frames >= window:
+        return (
+            f"long.overlap_frames={cfg.long.overlap_frames} with model.window_frames={m.window_frames} (a window of "
+            f"{window} latent frames): overlap must be in 0..{window - 1} (0: a quarter window)"
+        )
+    return None
+
+
+def _tile_rule(key: str, tile: str, stride: str, ratio: str, unit: str):
+    def check(cfg: RunConfig) -> str | None:
+        m = cfg.model
+        t, s, r = getattr(m, tile), getattr(m, stride), getattr(m, ratio)
+        if t % r:
+            return f"model.{tile}={t} is invalid with model.{ratio}={r}; give a multiple of {r} ({unit})"
+        if s % r or s > t:
+            return (
+                f"model.{stride}={s} is invalid with model.{tile}={t} and model.{ratio}={r}; give a multiple of {r} "
+                f"from {r} to {t} ({unit})"
+            )
+        return None
+
+    return Rule(
+        (f"model.{tile}", f"model.{stride}", f"model.{ratio}"),
+        f"the {key} tile and its stride are multiples of model.{ratio} ({unit}), the stride at most the tile",
+        check,
+    )
+
+
+def _shard_rule(cfg: RunConfig) -> str | None:
+    index, count = cfg.batch.shard_index, cfg.batch.shard_count
+    if (index is None) != (count is None):
+        return "give both batch.shard_index and batch.shard_count, or neither"
+    if count is not None and not index < count:
+        return f"batch.shard_index={index} must be in 0..{count - 1} (batch.shard_count={count})"
+    return None
+
+
+#: The rules between fields, in the order they are checked (after every field's own range).
+RULES: tuple[Rule, ...] = (
+    Rule(
+        ("audio.context_seconds", "audio.chunk_seconds"),
+        "the two contexts of a Whisper piece leave room for its middle: 2 · context < chunk",
+        _context_rule,
+    ),
+    Rule(
+        ("model.hidden_size", "model.num_heads", "model.rope_axes"),
+        "the head width hidden_size / num_heads is a whole number equal to sum(rope_axes) (three even axes t, h, w)",
+        _head_rule,
+    ),
+    Rule(
+        ("model.adapter_after_double", "model.depth_double"),
+        "every audio-adapter index is a double block: 0 ≤ i < depth_double",
+        _adapter_rule,
+    ),
+    Rule(("model.patch_size",), "the patch is [1, p, p]: one token frame per latent frame", _patch_rule),
+    Rule(
+        ("model.image_size", "model.bucket_multiple", "model.vae_spatial_ratio", "model.patch_size"),
+        "bucket_multiple is a multiple of vae_spatial_ratio · p (whole latent patches on every rendered side, 16 "
+        "for the official model); image_size is a multiple of bucket_multiple",
+        _bucket_rule,
+    ),
+    Rule(
+        ("model.window_frames", "model.vae_temporal_ratio"),
+        "a window is vae_temporal_ratio · k + 1 video frames with k ≥ 1 (129 = 4 · 32 + 1: 33 latent frames)",
+        _window_rule,
+    ),
+    Rule(
+        ("long.overlap_frames", "model.window_frames"),
+        "the overlap of blend/segments windows is less than a window's latent frames, (window_frames - 1) / "
+        "vae_temporal_ratio + 1 (checked for every strategy: a manifest row may choose blend or segments)",
+        _overlap_rule,
+    ),
+    _tile_rule("VAE temporal", "vae_tile_frames", "vae_tile_stride_frames", "vae_temporal_ratio", "video frames"),
+    _tile_rule("VAE spatial", "vae_tile_size", "vae_tile_stride", "vae_spatial_ratio", "pixels"),
+    Rule(
+        ("batch.shard_index", "batch.shard_count"),
+        "both or neither; 0 ≤ shard_index < shard_count",
+        _shard_rule,
+    ),
+)
+
+
+def check_config(cfg: RunConfig, host: bool = True) -> None:
+    """The config on its own (no files opened): every field's declared domain and the rules between fields
+    (``check_domains``), then the placement, the cache settings, with ``host`` what this machine must have for them
+    (``check_host``), and batch mode. The server checks its host once at start-up and each request's fields with
+    ``host=False``."""
+    from avatar.memory.apply import check_placement
+    from avatar.pipeline.adaptive import check_cache_settings
+
+    check_domains(cfg)
     check_placement(cfg)
-    check_cache_settings(s)
+    check_cache_settings(cfg.sampling)
     if host:
         check_host(cfg)
     if cfg.batch.manifest:
@@ -181,44 +405,8 @@ def check_config(cfg: RunConfig, host: bool = True) -> None:
             )
         if not cfg.output_dir:
             raise InputError(f"batch={cfg.batch.manifest} needs output_dir=DIR (the folder of <videoid>.mp4 outputs)")
-        index, count = cfg.batch.shard_index, cfg.batch.shard_count
-        if (index is None) != (count is None):
-            raise InputError("give both batch.shard_index and batch.shard_count, or neither")
-        if count is not None:
-            if count < 1:
-                raise InputError(f"batch.shard_count={count} must be at least 1")
-            if not 0 <= index < count:
-                raise InputError(f"batch.shard_index={index} must be in 0..{count - 1} (batch.shard_count={count})")
     elif cfg.output_dir:
         raise InputError("output_dir= is for batches (batch=MANIFEST); for one video give output=PATH.mp4")
-
-
-def _check_model(m) -> None:
-    """The model geometry rules (the DiT would refuse them only once built)."""
-    dim = m.hidden_size
-    if m.num_heads < 1 or dim % m.num_heads or sum(m.rope_axes) != dim // m.num_heads:
-        raise InputError(
-            f"model.hidden_size={dim} / model.num_heads={m.num_heads} must give a head width equal to "
-            f"sum(model.rope_axes)={sum(m.rope_axes)} ({m.rope_axes})"
-        )
-    if dim % 4:
-        raise InputError(f"model.hidden_size={dim} must be divisible by 4 (the motion embedders)")
-    if m.depth_single < 1 or m.depth_double < 0:
-        raise InputError(
-            f"model.depth_single={m.depth_single} must be ≥ 1 and model.depth_double={m.depth_double} ≥ 0"
-        )
-    bad = [i for i in m.adapter_after_double if not 0 <= i < m.depth_double]
-    if bad:
-        raise InputError(
-            f"model.adapter_after_double={m.adapter_after_double}: {bad} are not double-block indices "
-            f"0..{m.depth_double - 1}"
-        )
-    if len(m.patch_size) != 3 or m.patch_size[0] != 1:
-        raise InputError(f"model.patch_size={m.patch_size} must be [1, p, p] (one token frame per latent frame)")
-    if m.image_size <= 0 or m.bucket_multiple <= 0 or m.image_size % m.bucket_multiple:
-        raise InputError(
-            f"model.image_size={m.image_size} must be a positive multiple of model.bucket_multiple={m.bucket_multiple}"
-        )
 
 
 # --- jobs ---------------------------------------------------------------------------------------------------------
@@ -433,29 +621,67 @@ def check_weights(cfg: RunConfig) -> None:
             f"weights={cfg.weights} does not match model={cfg.model.name} ({len(problems)} problem(s): {shown}); "
             f"run `python -m launch.weights verify {cfg.weights} model={cfg.model.name}` for the full report"
         )
+    check_encoder_settings(cfg)
+
+
+def check_encoder_settings(cfg: RunConfig) -> None:
+    """The model fields the encoders' own configs bound (read from their config.json, no model built): the CLIP
+    prompt length within its position table, the LLaVA hidden state among its layers, the LLaVA image side the one
+    its vision tower was trained at."""
+    import json
+
+    from avatar.config import OFFICIAL_CLIP_DIR, OFFICIAL_LLAVA_DIR
+
+    def read(folder: str) -> dict:
+        try:
+            return json.loads((Path(cfg.weights) / folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}  # verify_weights has named a missing or unreadable file already
+
+    m, where = cfg.model, f"the weights in {cfg.weights}"
+    clip = read(OFFICIAL_CLIP_DIR)
+    positions = clip.get("max_position_embeddings")
+    if isinstance(positions, int) and m.clip_max_length > positions:
+        raise InputError(
+            f"model.clip_max_length={m.clip_max_length} is invalid with {where}: their CLIP text encoder has "
+            f"{positions} positions; give an integer from 1 to {positions}"
+        )
+    llava = read(OFFICIAL_LLAVA_DIR)
+    layers = llava.get("text_config", {}).get("num_hidden_layers")
+    if isinstance(layers, int) and not -(layers + 1) <= m.text_hidden_layer <= layers:
+        raise InputError(
+            f"model.text_hidden_layer={m.text_hidden_layer} is invalid with {where}: their LLaVA model gives "
+            f"{layers + 1} hidden states; give an integer from {-(layers + 1)} to {layers}"
+        )
+    side = llava.get("vision_config", {}).get("image_size")
+    if isinstance(side, int) and m.llava_image_size != side:
+        raise InputError(
+            f"model.llava_image_size={m.llava_image_size} is invalid with {where}: their LLaVA vision tower takes "
+            f"{side}×{side} images; give {side}"
+        )
 
 
 # --- single values and the output path ------------------------------------------------------------------------
 
 
 def check_steps(steps) -> int:
-    """``sampling.steps`` must be an integer ≥ 1. Returns it as an int."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
-        if isinstance(steps, float) and steps.is_integer():
-            steps = int(steps)
-        else:
-            raise InputError(f"sampling.steps={steps!r} is invalid; give an integer ≥ 1 (the official value is 50)")
-    if steps < 1:
-        raise InputError(f"sampling.steps={steps} is invalid; give an integer ≥ 1 (the official value is 50)")
+    """``sampling.steps`` in its declared range (an integer ≥ 1; a whole float such as a manifest's ``20.0`` is
+    taken as that integer). Returns it as an int."""
+    from avatar.config import SamplingConfig
+
+    if isinstance(steps, float) and steps.is_integer():
+        steps = int(steps)
+    problem = value_problem("sampling.steps", steps, domain_of(SamplingConfig, "steps"), int)
+    if problem:
+        raise InputError(problem)
     return int(steps)
 
 
 def check_seed(seed, field: str = "seed") -> int:
-    """A seed is an integer from 0 to ``SEED_MAX`` (2**63 - 2)."""
-    from avatar.config import SEED_MAX
-
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= SEED_MAX:
-        raise InputError(f"{field}={seed!r} is invalid; give an integer from 0 to {SEED_MAX} (2**63 - 2)")
+    """A seed in the declared range of ``RunConfig.seed``: an integer from 0 to ``SEED_MAX`` (2**63 - 2)."""
+    problem = value_problem(field, seed, domain_of(RunConfig, "seed"), int)
+    if problem:
+        raise InputError(problem)
     return int(seed)
 
 

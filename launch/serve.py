@@ -76,8 +76,6 @@ def check_store(cfg: RunConfig, world_size: int) -> None:
             f"serve.role=api runs no model: start it as one process (python -m launch.serve serve.role=api), "
             f"not as {world_size} ranks"
         )
-    if not serve.lease_seconds > 0:
-        raise InputError(f"serve.lease_seconds={serve.lease_seconds:g} is invalid; give a positive number of seconds")
     try:
         check_url(store_url(cfg))
     except ValueError as err:

@@ -257,6 +257,8 @@ def _read_jsonl(lines: list[tuple[str, str]], path: Path) -> Manifest:
         for key in STRING_KEYS:
             if key in record and record[key] is not None and not isinstance(record[key], str):
                 errors.append(f"{key} must be a string, got {type(record[key]).__name__}")
+            elif isinstance(record.get(key), str) and _stray_byte(record[key]):
+                errors.append(f"{key}: {_stray_byte(record[key])} of the decoded string")
         record = {key: value for key, value in record.items() if value is not None}
         overrides, override_error = _parse_overrides(record)
         if override_error:
@@ -264,9 +266,9 @@ def _read_jsonl(lines: list[tuple[str, str]], path: Path) -> Manifest:
         fps, fps_error = _parse_fps(record.get("fps"))
         if fps_error:
             errors.append(fps_error)
-        audio = _resolve(str(record.get("audio") or ""), path.parent)
+        audio = "" if errors else _resolve(str(record.get("audio") or ""), path.parent)
         speakers = None
-        if record.get("speakers") is not None:
+        if record.get("speakers") is not None and not errors:
             speakers, speakers_error = _parse_speakers(record["speakers"], audio, path, number)
             if speakers_error:
                 errors.append(speakers_error)
@@ -275,7 +277,7 @@ def _read_jsonl(lines: list[tuple[str, str]], path: Path) -> Manifest:
         rows.append(
             Row(
                 videoid=str(record.get("videoid", "")).strip(),
-                image=_resolve(str(record.get("image") or ""), path.parent),
+                image="" if errors else _resolve(str(record.get("image") or ""), path.parent),
                 audio=audio,
                 speakers=speakers,
                 prompt=str(record.get("prompt") or "").strip(),
@@ -321,7 +323,7 @@ def _parse_overrides(record: dict) -> tuple[dict, str]:
                 return {}, f"seed {value} must be from 0 to {SEED_MAX} (2**63 - 2)"
             overrides[key] = value
     if "strategy" in record:
-        if record["strategy"] not in Strategy.__members__:
+        if not isinstance(record["strategy"], str) or record["strategy"] not in Strategy.__members__:
             return {}, f"strategy {record['strategy']!r} is not valid; choose one of: {', '.join(Strategy)}"
         overrides["strategy"] = Strategy(record["strategy"])
     return overrides, ""

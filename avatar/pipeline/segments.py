@@ -2,7 +2,9 @@
 
 Segment ``i`` of ``L_i`` latents starting at latent ``s_i`` decodes to video frames ``4·s_i … 4·(s_i + L_i − 1)``.
 Neighbouring segments overlap by ``4·overlap − 3`` frames, which are cross-faded with
-``windows.crossfade_weights`` (a linear ramp). Frames go into
+``windows.crossfade_weights`` (a linear ramp). A frame is blended from at most two segments: where three cover it
+(the last segment is moved back to end with the audio, or the overlap exceeds half a window), a later segment skips
+the frames already emitted. Frames go into
 the main writer as soon as they are final, and each segment's finished stretch is also written as its own playable
 mp4 (with the matching slice of the audio) listed in ``<output>.segments/manifest.json``: a job that dies leaves a
 playable partial result.
@@ -62,7 +64,9 @@ class SegmentStreamer:
         for frame in frames:
             g = first + pos
             pos += 1
-            if g >= self.num_frames:
+            if g >= self.num_frames or g < self.next_frame:
+                # past the audio, or already final: where a moved-back last segment (or a large overlap) covers a
+                # frame with three segments, the first two have blended and emitted it (never twice)
                 continue
             k = g - self.tail_start
             if self.tail and 0 <= k < len(self.tail):

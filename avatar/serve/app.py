@@ -665,22 +665,15 @@ def is_loopback(host: str) -> bool:
 
 
 def check_serve(cfg: RunConfig) -> None:
-    """The server's settings, before anything is built (raises InputError)."""
+    """The server's own rules, before anything is built (raises InputError); the ranges of ``serve.*`` (port,
+    queue and upload limits) are their declared domains, checked with every field by ``avatar.validate.check_config``
+    first."""
     serve = cfg.serve
     if not is_loopback(serve.host) and not serve.api_key:
         raise InputError(
             f"serve.host={serve.host} is not a loopback address: set serve.api_key=<secret> so that only callers "
             "with the key can use the server (or bind serve.host=127.0.0.1)"
         )
-    if not 0 <= serve.port <= 65535:
-        raise InputError(f"serve.port={serve.port} is invalid; give 0-65535 (0: any free port)")
-    if serve.max_queue < 1:
-        raise InputError(f"serve.max_queue={serve.max_queue} is invalid; give an integer ≥ 1")
-    for key in ("max_image_mb", "max_audio_mb", "max_audio_seconds", "max_image_side"):
-        if getattr(serve, key) <= 0:
-            raise InputError(f"serve.{key}={getattr(serve, key)} is invalid; give a positive number")
-    if serve.max_steps < 1:
-        raise InputError(f"serve.max_steps={serve.max_steps} is invalid; give an integer ≥ 1")
     if cfg.sampling.steps > serve.max_steps:
         raise InputError(
             f"sampling.steps={cfg.sampling.steps} is over serve.max_steps={serve.max_steps}; lower one or raise the other"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from avatar.io.errors import InputError
 from launch import generate
 from tests.e2e.conftest import EXAMPLES, ROOT, tiny_args
 from tests.e2e.conftest import generate as run_generate
@@ -403,3 +404,87 @@ def test_values_are_taken_literally(tmp_path):
     text = tmp_path / "prompt.txt"
     text.write_text(prompt + "\n", encoding="utf-8")
     assert compose(["model=tiny", f"prompt_file={text}"]).prompt == prompt
+
+
+# --- issue 22: every field has a domain, checked before any model by every front end --------------------------------
+
+#: (overrides, words of the one line): each of these was a traceback after the models had loaded, a refusal after
+#: the models had loaded, or a refusal naming an internal variable instead of the key.
+OUT_OF_DOMAIN = [
+    (["model.window_frames=2"], ["model.window_frames=2", "4·k + 1"]),
+    (["model.vae_tile_frames=0"], ["model.vae_tile_frames=0", "≥ 1"]),
+    (["model.image_size=120", "model.bucket_multiple=8"], ["model.bucket_multiple=8", "multiple of 16"]),
+    (["model.window_frames=0"], ["model.window_frames=0", "≥ 1"]),
+    (["long.strategy=blend", "long.overlap_frames=33"], ["long.overlap_frames=33", "0..8"]),
+    (["model.vae_tile_stride=160"], ["model.vae_tile_stride=160", "8 to 128"]),
+    (["model.vae_tile_stride_frames=40"], ["model.vae_tile_stride_frames=40", "4 to 32"]),
+    (["audio.sample_rate=8000"], ["audio.sample_rate=8000", "16000"]),
+    (["sampling.joint_face_mask_scale=nan"], ["sampling.joint_face_mask_scale=nan", "≥ 0"]),
+    (["model.clip_max_length=1000"], ["model.clip_max_length=1000", "1 to 77"]),
+    (["model.text_hidden_layer=-100"], ["model.text_hidden_layer=-100", "-5 to 4"]),
+    (["model.llava_image_size=1"], ["model.llava_image_size=1", "give 28"]),
+]
+
+
+@pytest.mark.parametrize("extra,expect", OUT_OF_DOMAIN, ids=[" ".join(e[0])[:40] for e in OUT_OF_DOMAIN])
+def test_out_of_domain_values_before_any_model(capsys, tmp_path, tiny_weights, built, extra, expect):
+    out = tmp_path / "o.mp4"
+    _one_line(capsys, tiny_args(tiny_weights, out) + extra, expect, [out])
+
+
+def test_out_of_domain_values_in_a_batch(capsys, tmp_path, tiny_weights, built):
+    shutil.copy(EXAMPLES / "portrait.jpg", tmp_path / "img.jpg")
+    shutil.copy(EXAMPLES / "speech_5s.wav", tmp_path / "a.wav")
+    out_dir = tmp_path / "out"
+    args = _batch_args(tiny_weights, _manifest(tmp_path, b"a,img.jpg,a.wav,hi,25\n"), out_dir, "model.window_frames=2")
+    from launch import batch
+
+    code = batch.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "model.window_frames=2" in errors[0] and "Traceback" not in err, err
+    assert not out_dir.exists()
+
+
+def test_out_of_domain_values_in_the_python_api(tiny_weights, built):
+    from avatar import AvatarPipeline
+
+    with pytest.raises(InputError, match=r"^model.vae_tile_frames=0 is invalid"):
+        AvatarPipeline.from_pretrained(tiny_weights, model="tiny", overrides=["model.vae_tile_frames=0"])
+    with pytest.raises(InputError, match=r"^long.overlap_frames=33 with model.window_frames=33"):
+        AvatarPipeline.from_pretrained(tiny_weights, model="tiny", long={"strategy": "blend", "overlap_frames": 33})
+
+
+def test_out_of_domain_values_in_the_server(capsys, tmp_path, tiny_weights, built):
+    """``launch.serve`` composes and checks its config before it binds or loads anything: a bad sampling value is
+    refused at start-up, not in every job."""
+    from launch.serve import main, prepare
+
+    args = ["model=tiny", f"weights={tiny_weights}", f"serve.state_dir={tmp_path / 's'}"]
+    with pytest.raises(InputError, match=r"^model.image_size=120 must be a positive multiple"):
+        prepare([*args, "model.image_size=120"])
+    assert main([*args, "sampling.shift=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.shift=-1.0 is invalid; give a number > 0" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.timeout(150)
+def test_out_of_domain_value_on_every_rank(tmp_path, tiny_weights):
+    """Rank 1 of a 2-rank launch refuses it on its own, in validation: exit 2 at once, without reaching the process
+    group (whose master, rank 0, does not exist here: joining it would wait), so no rank waits for another at a
+    collective. Rank 0 alone writes the error line (the in-process tests above read it)."""
+    from tests.e2e.conftest import env
+
+    out = tmp_path / "o.mp4"
+    ranks = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.generate", *tiny_args(tiny_weights, out, None, "model.window_frames=2")],
+        cwd=ROOT,
+        env={**env(), **ranks, "MASTER_PORT": "9"},
+        capture_output=True,
+        text=True,
+        timeout=140,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not out.exists()

@@ -75,3 +75,22 @@ def test_two_ranks_equal_one(one_rank, tiny_weights, long_audio, tmp_path, strat
     report = _render(tiny_weights, two, long_audio, f"long.strategy={strategy}", "parallel.data=2", nproc=2)
     assert report["plan"]["data"] == 2
     np.testing.assert_array_equal(read_frames(str(two)), read_frames(str(one)))
+
+
+@pytest.mark.timeout(300)
+def test_segments_where_three_cover_a_frame_keep_the_audio_length(tiny_weights, tmp_path):
+    """2.6 s (17 latents) in windows of 9 with overlap 2: the last segment, moved back to end with the audio, starts
+    inside the first one, so three segments cover latent 8. Each frame is emitted once (it was 66 frames for 65)."""
+    from avatar.io.video import probe
+    from avatar.pipeline.windows import latents_for_frames, plan_segments
+    from launch import generate as cli
+
+    wav, rate = sf.read(str(EXAMPLES / "speech_5s.wav"), dtype="float32")
+    clip = tmp_path / "speech_2.6s.wav"
+    sf.write(str(clip), wav[: int(2.6 * rate)], rate)
+    plan = plan_segments(latents_for_frames(65), 9, 2)
+    assert plan[-1].start < plan[-3].stop  # three segments cover one latent
+    out = tmp_path / "segments.mp4"
+    args = tiny_args(tiny_weights, out, clip, "sampling.steps=1", "model.image_size=64", "long.strategy=segments")
+    assert cli.main([str(a) for a in args]) == 0
+    assert probe(str(out)).frames == 65
