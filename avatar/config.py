@@ -389,10 +389,10 @@ class SamplingConfig:
     default); ``adaptive``: instead of that, skip a step's forward where the input changed little since the last full
     step and reuse that step's output − input (EasyCache style, ``cache_threshold``/``cache_max_skip``); ``off``:
     every step a full forward."""
-    cache_threshold: float = 0.1
+    cache_threshold: float = num(0.1, ge=0, note="0: never reuse")
     """``cache=adaptive``: reuse while the estimated relative change of the output since the last full step (its
     transformation rate × the relative change of the input) stays below this; 0: never reuse (equals ``off``)."""
-    cache_max_skip: int = 3
+    cache_max_skip: int = num(3, ge=1)
     """``cache=adaptive``: at most this many reused steps in a row before a forced full step (≥ 1)."""
     fidelity: Fidelity = Fidelity.official
     """``official``: the official dtype roundings between steps; ``fp32``: exact float32 throughout."""

@@ -460,7 +460,7 @@ def test_out_of_domain_values_in_the_server(capsys, tmp_path, tiny_weights, buil
     refused at start-up, not in every job."""
     from launch.serve import main, prepare
 
-    args = ["model=tiny", f"weights={tiny_weights}", f"serve.state_dir={tmp_path / 's'}"]
+    args = ["model=tiny", f"weights={tiny_weights}", f"serve.data_dir={tmp_path / 's'}"]
     with pytest.raises(InputError, match=r"^model.image_size=120 must be a positive multiple"):
         prepare([*args, "model.image_size=120"])
     assert main([*args, "sampling.shift=-1"]) == 2

@@ -22,7 +22,7 @@ def test_roles_leases_and_stores_are_checked_first(tiny_weights, tmp_path, capsy
 
     args = ["model=tiny", f"weights={tiny_weights}", f"serve.data_dir={tmp_path / 'd'}"]
     assert main([*args, "serve.lease_seconds=0"]) == 2
-    assert "serve.lease_seconds=0 is invalid; give a positive number" in capsys.readouterr().err
+    assert "serve.lease_seconds=0.0 is invalid; give a number > 0" in capsys.readouterr().err
     assert main([*args, "serve.store=mysql://x/y"]) == 2
     assert "serve.store=mysql://x/y is not a store URL; give sqlite:///PATH" in capsys.readouterr().err
     closed = f"postgresql://avatar:hunter2@127.0.0.1:{free_port()}/avatar"
