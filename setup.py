@@ -11,15 +11,15 @@ requirements = [
 dev = {"pytest", "pytest-timeout", "hypothesis", "ruff", "httpx", "selenium"}
 
 # Data shipped inside the package: the Hydra config groups (configs/ -> avatar/_configs/), the weights manifest
-# (weights/ -> avatar/_weights/, manifest and README only) and the Slurm templates (launch/slurm/). avatar/resources.py
-# finds them in a checkout and in an installed wheel alike.
+# (weights/ -> avatar/_weights/, manifest and README only), the Slurm templates (launch/slurm/) and the Kubernetes
+# example (launch/k8s/). avatar/resources.py and launch/resources.py find them in a checkout and in a wheel alike.
 ROOT = Path(__file__).resolve().parent
 config_packages = ["avatar._configs"] + sorted(
     "avatar._configs." + ".".join(p.relative_to(ROOT / "configs").parts)
     for p in (ROOT / "configs").rglob("*")
     if p.is_dir() and any(p.glob("*.yaml"))
 )
-data_packages = [*config_packages, "avatar._weights", "launch.slurm"]
+data_packages = [*config_packages, "avatar._weights", "launch.slurm", "launch.k8s"]
 runtime = [r for r in requirements if r.split("==")[0] not in dev]
 
 setup(

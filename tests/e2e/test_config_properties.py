@@ -2,18 +2,18 @@
 ``validate`` (and then renders on the tiny model to the end) or is refused with one ``InputError`` line (exit 2) —
 never a traceback.
 
-- ``test_any_config_value_passes_or_is_refused_in_one_line``: 500 examples of 1–4 ``key=value`` overrides drawn from
+- ``test_any_config_value_passes_or_is_refused_in_one_line``: 350 examples of 1–4 ``key=value`` overrides drawn from
   the declarations in ``avatar/config.py`` (every key: in-range values, the bounds and one past them, wrong types,
   ``nan``/``inf``, huge numbers, Hydra syntax, unknown keys, broken paths), each through the real ``compose`` and
   ``validate`` in-process.
-- ``test_any_manifest_passes_or_is_refused_in_one_line``: CSV and JSON Lines manifests (good and broken rows, odd
+- ``test_any_manifest_passes_or_is_refused_in_one_line``: 150 CSV and JSON Lines manifests (good and broken rows, odd
   headers, extra columns, JSON values of every type, raw bytes) through ``read_manifest`` and ``validate``.
 - ``test_valid_configs_render_to_the_end``: a few in-domain configs (the geometry of windows, tiles, overlaps,
   strategies, guidance) that pass ``validate`` render through ``launch.generate.main`` on the tiny model (64 px, one
   second, 1–2 steps), exit 0 and write the mp4.
 
-Derandomized (the same examples on every run, so CI is deterministic) and without deadlines; the whole file takes
-about two minutes on one core.
+500 examples through the readers and 4 renders per run, derandomized (the same examples on every run, so CI is
+deterministic) and without deadlines; the whole file takes about two minutes of one core.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from tests.e2e.conftest import EXAMPLES
 
 pytestmark = pytest.mark.slow
 
-CONFIG_EXAMPLES = 500
+CONFIG_EXAMPLES = 350
 MANIFEST_EXAMPLES = 150
 RENDER_EXAMPLES = 4
 
@@ -184,7 +184,11 @@ SLOW_KEYS = ("weights",)
 @st.composite
 def overrides(draw, files: dict) -> list[str]:
     fields = [(k, f, h) for k, f, h in declared_fields() if k not in SLOW_KEYS]
-    chosen = draw(st.lists(st.sampled_from(fields), min_size=1, max_size=4, unique_by=lambda x: x[0]))
+    model = st.sampled_from([x for x in fields if x[0].startswith("model.")])
+    other = st.sampled_from([x for x in fields if not x[0].startswith("model.")])
+    # model.* is 40 % of the keys; an in-range value there costs a weights verification: drawn a third of the time
+    key = st.one_of(model, other, other)
+    chosen = draw(st.lists(key, min_size=1, max_size=4, unique_by=lambda x: x[0]))
     args = [f"{key}={draw(value_strategy(key, f, hint, files))}" for key, f, hint in chosen]
     extra = draw(
         st.sampled_from(
@@ -218,7 +222,7 @@ def test_any_config_value_passes_or_is_refused_in_one_line(tiny_weights, files):
 
     check()
     assert sum(outcomes.values()) >= CONFIG_EXAMPLES
-    assert outcomes["passed"] >= 50 and outcomes["refused"] >= 200, outcomes  # both sides are exercised
+    assert outcomes["passed"] >= 20 and outcomes["refused"] >= 150, outcomes  # both sides are exercised
 
 
 # --- manifests ---------------------------------------------------------------------------------------------------
@@ -332,10 +336,11 @@ def test_any_manifest_passes_or_is_refused_in_one_line(tiny_weights, files):
 def renderable(draw) -> list[str]:
     """In-domain values of the settings that shape a render (window geometry, tiles, overlaps, strategies,
     guidance, encoding), with the tiny model's sizes kept: these pass ``validate`` unless a rule between fields
-    refuses the combination."""
-    window = draw(st.sampled_from([5, 9, 13, 17, 33]))
-    tile = draw(st.sampled_from([4, 8, 16, 32]))
-    size = draw(st.sampled_from([32, 64, 128]))
+    refuses the combination. Sizes that multiply the work (1-token chunks, 4-frame or 8-pixel tile strides) are left
+    out to keep each render to seconds."""
+    window = draw(st.sampled_from([9, 13, 17, 33]))
+    tile = draw(st.sampled_from([8, 16, 32]))
+    size = draw(st.sampled_from([64, 128]))
     latents = (window - 1) // 4 + 1
     args = {
         "sampling.steps": draw(st.integers(1, 2)),
@@ -345,9 +350,9 @@ def renderable(draw) -> list[str]:
         "long.strategy": draw(st.sampled_from(["auto", "shift", "blend", "segments"])),
         "long.overlap_frames": draw(st.integers(0, latents - 1)),
         "model.vae_tile_frames": tile,
-        "model.vae_tile_stride_frames": draw(st.sampled_from([s for s in (4, 8, 12, 16, 24, 32) if s <= tile])),
+        "model.vae_tile_stride_frames": draw(st.sampled_from([s for s in (8, 12, 16, 24, 32) if s <= tile])),
         "model.vae_tile_size": size,
-        "model.vae_tile_stride": draw(st.sampled_from([s for s in (8, 16, 24, 32, 48, 96, 128) if s <= size])),
+        "model.vae_tile_stride": draw(st.sampled_from([s for s in (32, 48, 64, 96, 128) if s <= size])),
         "sampling.cfg_scale": draw(st.floats(0, 12)),
         "sampling.shift": draw(st.floats(0.1, 12)),
         "sampling.joint_cfg_steps": draw(st.integers(0, 3)),
@@ -359,10 +364,10 @@ def renderable(draw) -> list[str]:
         "sampling.joint_cfg_floor": draw(st.floats(0, 10)),
         "sampling.reference_sample": draw(st.booleans()),
         "model.text_len": draw(st.integers(1, 64)),
-        "sampling.cache": draw(st.booleans()),
+        "sampling.cache": draw(st.sampled_from(["official", "adaptive", "off"])),
         "sampling.fidelity": draw(st.sampled_from(["official", "fp32"])),
         "audio.context_seconds": draw(st.floats(0, 14)),
-        "memory.token_chunk": draw(st.sampled_from([0, 1, 64, 8192])),
+        "memory.token_chunk": draw(st.sampled_from([0, 64, 8192])),
         "output.crf": draw(st.integers(0, 51)),
         "output.preset": draw(st.sampled_from(["ultrafast", "fast", "medium"])),
         "checkpoint_every": draw(st.integers(0, 2)),
