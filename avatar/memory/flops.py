@@ -96,15 +96,19 @@ def dit_forward_flops(
     *,
     dtype: torch.dtype = torch.bfloat16,
     cache: MeasureCache | None = None,
+    speakers: int = 1,
 ) -> dict[str, int]:
     """FLOPs of one full-depth DiT forward of one CFG branch over a window of ``latent_frames`` (+ the reference
     frame) with ``grid_tokens`` (h, w) tokens per frame: ``full`` (a full step, ``cache="store"``) and ``cached``
-    (a cached step, ``cache="reuse"``: the last single block and the output on the cached input)."""
+    (a cached step, ``cache="reuse"``: the last single block and the output on the cached input). ``speakers``: the
+    audio tracks the DiT gets (several speakers: every adapter attends once per track, under its own mask)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     parts = dict(
         cfg=asdict(cfg), frames=latent_frames, grid=list(grid_tokens), text=text_tokens, dtype=str(dtype), code=_code()
     )
+    if speakers > 1:
+        parts["speakers"] = speakers
 
     def compute() -> dict[str, int]:
         # Real tensors may enter the fake forward (they become fake on first use): the text mask stays real, so a
@@ -113,7 +117,7 @@ def dit_forward_flops(
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         model = to_fake(meta_dit(cfg, dtype), mode)
         with mode:
-            inputs = dit_inputs(cfg, latent_frames, grid_tokens, text_tokens)
+            inputs = dit_inputs(cfg, latent_frames, grid_tokens, text_tokens, speakers=speakers)
         inputs["text_mask"] = torch.ones(1, text_tokens, dtype=torch.long)
         read_text_layout = getattr(model, "_text_layout", None)
         if read_text_layout is not None:
@@ -211,14 +215,16 @@ def flop_section(
     device_name: str | None,
     on_gpu: bool,
     cache_dir=None,
+    speakers: int = 1,
 ) -> dict:
     """The run report's ``flops`` section: FLOPs per stage for the whole run (all ranks), with TFLOP/s per GPU and
     MFU per stage on a GPU. ``window_calls``/``cached_window_calls``: guided evaluations of a window (two CFG branches
     each, every data group together); ``reused_window_calls``: those the adaptive step cache answered without the DiT
-    (no DiT FLOPs); ``decode_plans``: the ``DecodePlan`` of every decode."""
+    (no DiT FLOPs); ``decode_plans``: the ``DecodePlan`` of every decode; ``speakers``: the audio tracks the DiT
+    gets (one per speaker with several tracks; one with turns of a shared recording)."""
     cache = MeasureCache(default_cache_dir() if cache_dir is None else cache_dir)
     per_forward = dit_forward_flops(
-        cfg.model, window_latents, grid_tokens, cfg.model.text_len, dtype=dit_dtype, cache=cache
+        cfg.model, window_latents, grid_tokens, cfg.model.text_len, dtype=dit_dtype, cache=cache, speakers=speakers
     )
     full_forwards, cached_forwards = dit_forwards(window_calls, cached_window_calls, reused_window_calls)
     dit_total = full_forwards * per_forward["full"] + cached_forwards * per_forward["cached"]
@@ -233,6 +239,7 @@ def flop_section(
             "full_forwards": full_forwards,
             "cached_forwards": cached_forwards,
             "reused_forwards": 2 * reused_window_calls,
+            "audio_tracks": speakers,
             "window": {"latent_frames": window_latents, "tokens_per_frame": grid_tokens[0] * grid_tokens[1]},
         },
         "decode": {"flops": decode, "pieces": sum(len(p) for plan in decode_plans for p in plan.pieces)},

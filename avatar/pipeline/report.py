@@ -119,6 +119,7 @@ def run_flops(cfg, topo, strategy, stats, inputs: Inputs, timer, decode_stats, v
             world=topo.world,
             device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             on_gpu=device.type == "cuda",
+            speakers=len(inputs.speaker_audio.tracks) if inputs.speaker_audio is not None else 1,
         )
     except Exception as error:  # noqa: BLE001 - the FLOP model must not fail a finished render
         log.warning("flops: the FLOP model failed (%s: %s); the report has no flops", type(error).__name__, error)

@@ -2,7 +2,9 @@
 
 The video API has the shape of OpenAI's, SGLang-Diffusion's and NVIDIA Dynamo's (``POST``, poll, ``/content``)::
 
-    POST   /v1/videos                    multipart: image, audio (files); prompt, seed, steps, model (optional)
+    POST   /v1/videos                    multipart: image, audio (files); prompt, seed, steps, model (optional);
+                                         several speakers: one ``speakers`` field per speaker (JSON) and one
+                                         ``audio`` file per speaker in the same order (or one shared recording)
                                          → 202 {"id": ..., "status": "queued", ...}
     GET    /v1/videos                    the jobs, newest first: ?limit=1-100 (20), ?after=<id>, ?order=desc|asc
                                          → {"object": "list", "data": [...], "first_id", "last_id", "has_more"}
@@ -57,6 +59,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from avatar.config import RunConfig
 from avatar.io.errors import InputError
 from avatar.serve.store import JobStore, new_id
+from avatar.serve.upload import SPEAKERS_FILE, stored_job, track_file
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,9 @@ MIB = 1 << 20
 #: Room for the text fields and the multipart framing on top of the two files.
 BODY_SLACK = MIB
 MAX_PROMPT_CHARS = 4000
-FIELDS = ("image", "audio", "prompt", "seed", "steps", "model")
+FIELDS = ("image", "audio", "speakers", "prompt", "seed", "steps", "model")
+#: The most speakers (``speakers`` fields, and so ``audio`` files) one request may have.
+MAX_SPEAKERS = 8
 #: The API's names of the store's statuses (the store keeps the API's own words since its migrations; older
 #: spellings are mapped for safety).
 API_STATUS = {"running": "in_progress", "succeeded": "completed"}
@@ -204,26 +209,37 @@ def accept_job(cfg: RunConfig, store: JobStore, form, sequence_degree: int = 1) 
     unknown = sorted(set(form.keys()) - set(FIELDS))
     if unknown:
         raise HTTPProblem(400, f"unknown field(s) {', '.join(unknown)}; send {', '.join(FIELDS)}")
-    files = {}
-    for field in ("image", "audio"):
-        upload = form.get(field)
-        if upload is None or isinstance(upload, str):
-            raise HTTPProblem(400, f"missing {field}: send multipart file fields image=<portrait> and audio=<speech>")
-        files[field] = upload
+    image = form.getlist("image")
+    if len(image) != 1 or isinstance(image[0], str):
+        raise HTTPProblem(400, "send one multipart file field image=<portrait> (and audio=<speech>)")
+    tracks = form.getlist("audio")
+    if not tracks or any(isinstance(t, str) for t in tracks):
+        raise HTTPProblem(400, "missing audio: send multipart file fields image=<portrait> and audio=<speech>")
+    speakers = request_speakers(form.getlist("speakers"), len(tracks))
     ours = request_config(cfg, form)
-    caps = {"image": (serve.max_image_mb, "serve.max_image_mb"), "audio": (serve.max_audio_mb, "serve.max_audio_mb")}
-    names = {field: display_name(upload.filename, field) for field, upload in files.items()}
-    for field, upload in files.items():
-        limit, key = caps[field]
-        if upload.size is not None and upload.size > limit * MIB:
-            raise HTTPProblem(
-                413, f"{field}={names[field]} is {upload.size / MIB:.1f} MiB; at most {limit:g} MiB ({key})"
-            )
+    names = {"image": display_name(image[0].filename, "image")}
+    files = {"image": image[0]}
+    for i, upload in enumerate(tracks):
+        field = track_file(i)
+        names[field], files[field] = display_name(upload.filename, field), upload
+    if image[0].size is not None and image[0].size > serve.max_image_mb * MIB:
+        raise HTTPProblem(
+            413,
+            f"image={names['image']} is {image[0].size / MIB:.1f} MiB; at most {serve.max_image_mb:g} MiB "
+            "(serve.max_image_mb)",
+        )
+    audio_bytes = sum(t.size or 0 for t in tracks)
+    if audio_bytes > serve.max_audio_mb * MIB:
+        what = f"audio={names['audio']} is" if len(tracks) == 1 else f"the {len(tracks)} audio files are"
+        raise HTTPProblem(
+            413, f"{what} {audio_bytes / MIB:.1f} MiB; at most {serve.max_audio_mb:g} MiB (serve.max_audio_mb)"
+        )
     if store.count_active() >= serve.max_queue:
         raise HTTPProblem(429, f"the queue is full ({serve.max_queue} jobs, serve.max_queue); try again later")
 
     job_id = new_id()
     staging, target = staging_dir(store, job_id), store.upload_dir(job_id)
+    audio_name = ", ".join(names[track_file(i)] for i in range(len(tracks)))
     added = False
     try:
         staging.mkdir(parents=True)
@@ -231,6 +247,8 @@ def accept_job(cfg: RunConfig, store: JobStore, form, sequence_degree: int = 1) 
             upload.file.seek(0)
             with open(staging / field, "wb") as out:
                 shutil.copyfileobj(upload.file, out, MIB)
+        if speakers is not None:
+            (staging / SPEAKERS_FILE).write_text(json.dumps(speakers, indent=1))
         segments = _validate_files(ours, staging, names, job_id, store, sequence_degree)
         os.replace(staging, target)
         added = store.add(
@@ -239,7 +257,7 @@ def accept_job(cfg: RunConfig, store: JobStore, form, sequence_degree: int = 1) 
             seed=ours.seed,
             steps=ours.sampling.steps,
             image_name=names["image"],
-            audio_name=names["audio"],
+            audio_name=audio_name,
             max_active=serve.max_queue,
         )
         if not added:
@@ -255,15 +273,76 @@ def accept_job(cfg: RunConfig, store: JobStore, form, sequence_degree: int = 1) 
         except storage_errors() as err:
             log.error("job %s: its segment count was not stored (%s)", job_id, describe_fault(err))
     log.info(
-        "queued %s (image %s, audio %s, seed %d, %d steps%s)",
+        "queued %s (image %s, audio %s%s, seed %d, %d steps%s)",
         job_id,
         names["image"],
-        names["audio"],
+        audio_name,
+        f", {len(speakers['speakers'])} speakers" if speakers is not None else "",
         ours.seed,
         ours.sampling.steps,
         f", {segments} segments" if segments else "",
     )
     return job_id
+
+
+def request_speakers(fields: list, tracks: int) -> dict | None:
+    """The request's ``speakers`` fields (one JSON speaker object each, or a JSON list of them) as the contract's
+    object form over the stored audio files: one track per speaker (the i-th ``audio`` file is the i-th speaker's),
+    or, when the speakers give ``turns``, the one ``audio`` file as their shared recording. None without speakers.
+    A speaker may not name a path (``audio``): its track is an uploaded file. Raises ``HTTPProblem``."""
+    from avatar.io.speakers import SPEAKER_KEYS
+
+    if not fields:
+        if tracks > 1:
+            raise HTTPProblem(
+                400,
+                f"{tracks} audio files without speakers; send one speakers field per audio file (JSON, e.g. "
+                '{"face": "auto", "name": "Ann"}), in the same order',
+            )
+        return None
+    entries = []
+    for k, text in enumerate(fields, 1):
+        if not isinstance(text, str):
+            raise HTTPProblem(400, f"speakers field {k} is a file; send it as a text field (JSON)")
+        try:
+            value = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        except ValueError as err:
+            raise HTTPProblem(
+                400,
+                f"speakers field {k} is not valid JSON ({' '.join(str(err).split())[:80]}); send an object "
+                'like {"face": "auto", "name": "Ann"}',
+            ) from None
+        entries.extend(value if isinstance(value, list) else [value])
+    if len(entries) > MAX_SPEAKERS:
+        raise HTTPProblem(400, f"{len(entries)} speakers; at most {MAX_SPEAKERS} in one request")
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise HTTPProblem(400, f'speaker {i}: expected an object {{"face": ..., "name": ...}}, got {entry!r:.60}')
+        if "audio" in entry:
+            raise HTTPProblem(
+                400, f"speaker {i} audio: a server does not read paths; send the track as the {_nth(i)} audio file"
+            )
+        unknown = sorted(set(entry) - set(SPEAKER_KEYS))
+        if unknown:
+            valid = ", ".join(k for k in SPEAKER_KEYS if k != "audio")
+            raise HTTPProblem(400, f"speaker {i} {str(unknown[0])[:40]}: unknown field; valid fields are {valid}")
+    if any("turns" in entry for entry in entries):
+        if tracks != 1:
+            raise HTTPProblem(
+                400, f"the speakers take turns of one shared recording: send one audio file, not {tracks}"
+            )
+        return {"audio": track_file(0), "speakers": entries}
+    if tracks != len(entries):
+        raise HTTPProblem(
+            400,
+            f"{len(entries)} speakers and {tracks} audio files; send one audio file per speaker, in the same "
+            "order (or turns of one shared recording)",
+        )
+    return {"speakers": [{**entry, "audio": track_file(i)} for i, entry in enumerate(entries)]}
+
+
+def _nth(i: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(i, f"{i}th")
 
 
 def audio_limit(cfg: RunConfig) -> float:
@@ -277,20 +356,14 @@ def _validate_files(cfg: RunConfig, folder: Path, names: dict, job_id: str, stor
     Returns the number of segments the job renders under the ``segments`` strategy (None for the others)."""
     from PIL import Image
 
-    from avatar.pipeline.job import Job
     from avatar.validate import check_job
 
     capped = replace(cfg, audio=replace(cfg.audio, max_seconds=audio_limit(cfg)))
-    job = Job(
-        image=str(folder / "image"),
-        audio=str(folder / "audio"),
-        prompt=cfg.prompt,
-        output=str(store.result_path(job_id)),
-        seed=cfg.seed,
-        steps=cfg.sampling.steps,
-        strategy=cfg.long.strategy,
-        videoid=job_id,
-    )
+    speakers_file = folder / SPEAKERS_FILE
+    try:
+        job = stored_job(cfg, folder, str(store.result_path(job_id)), job_id)
+    except InputError as err:
+        raise HTTPProblem(400, _client_message(str(err), folder, names)) from None
     try:  # the size from the header, before anything is decoded (an unreadable file is check_job's to name)
         with Image.open(job.image) as image:
             width, height = image.size
@@ -304,14 +377,30 @@ def _validate_files(cfg: RunConfig, folder: Path, names: dict, job_id: str, stor
         )
     try:
         check_job(
-            capped, job, {"image": job.image, "audio": job.audio}, overwrite=False, sequence_degree=sequence_degree
+            capped,
+            job,
+            {"image": job.image, **job.audio_files()},
+            overwrite=False,
+            sequence_degree=sequence_degree,
         )
     except InputError as err:
-        message = str(err).replace(job.image, names["image"]).replace(job.audio, names["audio"])
+        message = _client_message(str(err), folder, names)
         if cfg.audio.max_seconds is None or cfg.serve.max_audio_seconds < cfg.audio.max_seconds:
             message = message.replace("audio.max_seconds", "serve.max_audio_seconds")
         raise HTTPProblem(400, message) from None
-    return segment_count(capped, job.audio)
+    tracks = job.speakers.tracks if speakers_file.is_file() else [job.audio]
+    counts = [segment_count(capped, track) for track in tracks]
+    return max(counts) if counts[0] is not None else None
+
+
+def _client_message(message: str, folder: Path, names: dict) -> str:
+    """A validation message with the client's file names in place of the stored paths (the longest first, so that
+    ``audio`` never replaces part of ``audio_2``) and the speakers fields in place of the stored JSON."""
+    message = message.replace(f"speakers={folder / SPEAKERS_FILE}:", "speakers:")
+    for field in sorted(names, key=len, reverse=True):
+        message = message.replace(str(Path(os.path.abspath(folder)) / field), names[field])
+        message = message.replace(str(folder / field), names[field])
+    return message
 
 
 def segment_count(cfg: RunConfig, audio: str) -> int | None:
@@ -483,9 +572,13 @@ def create_app(
     @app.post("/v1/videos", status_code=202)
     async def create(request: Request):
         try:
-            form = await request.form(max_files=2, max_fields=len(FIELDS))
+            form = await request.form(max_files=1 + MAX_SPEAKERS, max_fields=len(FIELDS) + MAX_SPEAKERS)
         except Exception as err:  # noqa: BLE001 - a malformed body is the client's problem
-            return problem(400, f"could not read the multipart form ({' '.join(str(err).split())})")
+            return problem(
+                400,
+                f"could not read the multipart form ({' '.join(str(err).split())}); a request has one image, "
+                f"at most {MAX_SPEAKERS} audio files and {MAX_SPEAKERS} speakers fields",
+            )
         try:
             job_id = await run_in_threadpool(accept_job, cfg, store, form, sequence_degree)
         finally:

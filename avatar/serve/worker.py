@@ -24,6 +24,7 @@ a stop request is agreed on by all ranks.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -36,10 +37,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from avatar.pipeline.job import Job
 from avatar.pipeline.resume import Preempted
 from avatar.pipeline.state import StateStore
 from avatar.serve.store import CANCEL, LOST, StoreError, worker_name
+from avatar.serve.upload import stored_job
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,10 @@ def _next_command(store, owner: str, lease_seconds: float) -> dict | None:
         return None
     folder = store.upload_dir(job["id"])
     try:
-        files = {name: (folder / name).read_bytes() for name in ("image", "audio")}
+        files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+        missing = [name for name in ("image", "audio") if name not in files]
+        if missing:
+            raise FileNotFoundError(errno.ENOENT, f"no {missing[0]} in it")
     except OSError as err:
         message = (
             f"the upload {folder} cannot be read ({err.strerror or err}): every worker must see the API's "
@@ -173,8 +177,7 @@ def _next_command(store, owner: str, lease_seconds: float) -> dict | None:
         return None
     return {
         "job": job,
-        "image": str(folder / "image"),
-        "audio": str(folder / "audio"),
+        "folder": str(folder),
         "output": str(store.result_path(job["id"])),
         "resume": str(store.resume_dir(job["id"])),
         "files": files,
@@ -196,18 +199,19 @@ def job_fraction(done: int, total: int, segments: int | None, per_round: int, ma
     return min(1.0, (finished // max(1, per_round) + step) / rounds)
 
 
-def _local_file(path: str, data: bytes, scratch, job_id: str, name: str) -> str:
-    """The upload as this rank sees it: the stored file when this rank can read it, else a private copy."""
+def _local_folder(folder: str, files: dict[str, bytes], scratch, job_id: str) -> Path:
+    """The upload as this rank sees it: the stored folder when this rank reads every file of it, else a private
+    copy of them all (the speakers' JSON names its tracks relative to its folder)."""
     try:
-        if os.path.getsize(path) == len(data):
-            return path
+        if all(os.path.getsize(Path(folder) / name) == len(data) for name, data in files.items()):
+            return Path(folder)
     except OSError:
         pass
-    folder = Path(scratch.name) / job_id
-    folder.mkdir(parents=True, exist_ok=True)
-    copy = folder / name
-    copy.write_bytes(data)
-    return str(copy)
+    copy = Path(scratch.name) / job_id
+    copy.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (copy / name).write_bytes(data)
+    return copy
 
 
 def _quietly(call, *args, **kwargs):
@@ -232,19 +236,18 @@ def run_job(renderer, topo, store, preemption, command: dict, strategy: str, scr
 def _run_job(renderer, topo, store, preemption, command: dict, strategy: str, scratch, lease_seconds: float) -> bool:
     spec = command["job"]
     job_id, token = spec["id"], spec["lease_token"]
-    image, audio = command["image"], command["audio"]
+    folder = Path(command["folder"])
     if not topo.is_main:
-        image = _local_file(image, command["files"]["image"], scratch, job_id, "image")
-        audio = _local_file(audio, command["files"]["audio"], scratch, job_id, "audio")
-    job = Job(
-        image=image,
-        audio=audio,
+        folder = _local_folder(command["folder"], command["files"], scratch, job_id)
+    job = stored_job(
+        renderer.cfg,
+        folder,
+        command["output"],
+        job_id,
         prompt=spec["prompt"],
-        output=command["output"],
         seed=int(spec["seed"]),
         steps=int(spec["steps"]),
         strategy=(spec.get("params") or {}).get("strategy") or strategy,
-        videoid=job_id,
     )
     state = StateStore(command["resume"])
     stop = JobStop(preemption, job_id)

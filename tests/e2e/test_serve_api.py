@@ -79,16 +79,23 @@ def call(method: str, url: str, body: bytes | None = None, headers: dict | None 
         return err.code, dict(err.headers), err.read()
 
 
-def multipart(files: dict[str, Path], fields: dict[str, str]) -> tuple[bytes, str]:
+def multipart_parts(parts: list[tuple[str, Path | str]]) -> tuple[bytes, str]:
+    """A multipart body of ``(name, file path or text)`` parts in order; a name may repeat."""
     boundary = uuid.uuid4().hex
-    parts = []
-    for name, value in fields.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    for name, path in files.items():
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{path.name}"\r\n'
-        parts.append(head.encode() + b"Content-Type: application/octet-stream\r\n\r\n" + path.read_bytes() + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+    chunks = []
+    for name, value in parts:
+        if isinstance(value, Path):
+            head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{value.name}"\r\n'
+            chunks.append(head.encode() + b"Content-Type: application/octet-stream\r\n\r\n" + value.read_bytes())
+        else:
+            chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
+        chunks.append(b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def multipart(files: dict[str, Path], fields: dict[str, str]) -> tuple[bytes, str]:
+    return multipart_parts([*fields.items(), *files.items()])
 
 
 def post_video(url: str, audio: Path, **fields) -> dict:
@@ -158,6 +165,48 @@ def test_openai_style_client_polls_for_completed(server, one_second_clip, tmp_pa
     assert status == 200 and json.loads(report)["seed"] == 11
     listed = json.loads(call("GET", f"{server.url}/v1/videos?limit=1")[2])
     assert listed["object"] == "list" and listed["data"][0]["id"] == job["id"]
+
+
+@pytest.mark.timeout(400)
+def test_two_speakers_posted_as_repeated_fields_render_as_the_cli_does(server, tiny_weights, tmp_path):
+    """Two ``speakers`` fields and two ``audio`` files (one multipart part each, in order): the job completes on the
+    server's two ranks with the CLI's frames for the same ``speakers=`` file, and its report has both boxes."""
+    from tests.e2e.conftest import generate
+    from tests.utils.video import read_frames
+
+    wav, rate = sf.read(str(EXAMPLES / "speech_5s.wav"), dtype="float32")
+    left, right = tmp_path / "left.wav", tmp_path / "right.wav"
+    sf.write(str(left), wav[:rate], rate)
+    sf.write(str(right), wav[2 * rate : int(2.6 * rate)], rate)
+    faces = [{"name": "Ann", "face": [110, 64, 210, 164]}, {"name": "Bob", "face": [430, 64, 530, 164]}]
+    parts = [("image", EXAMPLES / "two_faces.jpg"), ("audio", left), ("audio", right)]
+    parts += [("speakers", json.dumps(face)) for face in faces] + [("seed", "4"), ("steps", "2")]
+    body, kind = multipart_parts(parts)
+    status, _, data = call("POST", f"{server.url}/v1/videos", body, {"Content-Type": kind})
+    assert status == 202, data
+    job = poll(server, json.loads(data)["id"], ("completed", "failed"))
+    assert job["status"] == "completed", job
+    status, _, video = call("GET", f"{server.url}{job['urls']['content']}")
+    assert status == 200
+    (tmp_path / "served.mp4").write_bytes(video)
+    report = json.loads(call("GET", f"{server.url}/v1/videos/{job['id']}/report")[2])
+    assert [s["name"] for s in report["speakers"]] == ["Ann", "Bob"]
+    assert [s["box"] for s in report["speakers"]] == [[110.0, 64.0, 210.0, 164.0], [430.0, 64.0, 530.0, 164.0]]
+
+    spec = tmp_path / "speakers.json"
+    spec.write_text(json.dumps([{**faces[0], "audio": str(left)}, {**faces[1], "audio": str(right)}]))
+    result = generate(
+        *FRONTEND_SETTINGS,
+        f"weights={tiny_weights}",
+        f"model.window_frames={WINDOW}",
+        f"image={EXAMPLES / 'two_faces.jpg'}",
+        f"speakers={spec}",
+        "seed=4",
+        "sampling.steps=2",
+        f"output={tmp_path / 'cli.mp4'}",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert np.array_equal(read_frames(tmp_path / "served.mp4"), read_frames(tmp_path / "cli.mp4"))
 
 
 @pytest.mark.timeout(300)

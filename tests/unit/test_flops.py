@@ -37,6 +37,24 @@ def test_dit_full_step_costs_more_than_a_cached_step_and_is_cached(tmp_path):
     assert deeper["full"] > one["full"] and deeper["cached"] == one["cached"]
 
 
+def test_each_extra_speaker_costs_one_adapter_attention_per_adapter(tmp_path):
+    """Several speakers: every adapter attends once more per track (its k/v projection and attention under the
+    speaker's mask), so the count is linear in the tracks, each track costs the same per adapter, and an extra
+    speaker is a small fraction of a forward."""
+    cache = MeasureCache(tmp_path)
+
+    def full(adapters: list[int], speakers: int) -> int:
+        cfg = compose(["model=tiny", "model.depth_double=3", f"model.adapter_after_double={adapters}"]).model
+        return fl.dit_forward_flops(cfg, 9, (4, 4), cfg.text_len, cache=cache, speakers=speakers)["full"]
+
+    one, two, three = (full([1], n) for n in (1, 2, 3))
+    assert two - one == three - two > 0
+    assert (two - one) / one < 0.05
+    # the extra speaker's cost grows by the same amount with every adapter (plus its audio projection once)
+    extra = [full(adapters, 2) - full(adapters, 1) for adapters in ([], [1], [1, 2])]
+    assert extra[2] - extra[1] == extra[1] - extra[0] > 0
+
+
 def test_decode_flops_follow_the_pieces(tmp_path):
     config = tiny_vae_config(compose(["model=tiny"]).model)
     tiles = plan_temporal_tiles(9, 8, 6)

@@ -325,3 +325,79 @@ def test_a_corrupt_store_stops_the_server_in_one_line(tmp_path, tiny_weights, ca
     assert main(["model=tiny", f"weights={tiny_weights}", f"serve.data_dir={state}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "the job store cannot be used" in err and "file is not a database" in err, err
+
+
+# --- several speakers: repeated speakers fields, one audio file each ---------------------------------------------
+
+TWO_FACES = (EXAMPLES / "two_faces.jpg").read_bytes()
+LEFT, RIGHT = [110, 64, 210, 164], [430, 64, 530, 164]  # the faces of two_faces.jpg (640x320)
+
+
+def _voice(start: float, seconds: float) -> bytes:
+    """A cut of the example speech (a speaker's track may not be all silence)."""
+    wav, rate = sf.read(str(EXAMPLES / "speech_5s.wav"), dtype="float32")
+    out = io.BytesIO()
+    sf.write(out, wav[int(start * rate) : int((start + seconds) * rate)], rate, format="WAV")
+    return out.getvalue()
+
+
+def _post_speakers(client, speakers: list, tracks: list[bytes], image: bytes = TWO_FACES):
+    files = [("image", ("faces.jpg", io.BytesIO(image)))]
+    files += [("audio", (f"voice{i + 1}.wav", io.BytesIO(track))) for i, track in enumerate(tracks)]
+    data = {"speakers": [s if isinstance(s, str) else json.dumps(s) for s in speakers]}
+    return client.http.post("/v1/videos", files=files, data=data, headers=KEY)
+
+
+def test_speakers_fields_store_a_job_every_worker_reads_back(client):
+    """Two speakers fields and two audio files: stored as image, audio, audio_2 and speakers.json; the worker's
+    ``stored_job`` reads back the two tracks in order with their boxes; turns take one shared recording."""
+    from avatar.pipeline.state import file_sha256
+    from avatar.serve.upload import stored_job
+
+    one, two = _voice(0.0, 1.0), _voice(2.0, 0.6)
+    ok = _post_speakers(client, [{"face": LEFT, "name": "Ann"}, {"face": RIGHT, "name": "Bob"}], [one, two])
+    assert ok.status_code == 202, ok.text
+    view = ok.json()
+    assert view["audio"] == "voice1.wav, voice2.wav"
+    folder = client.store.upload_dir(view["id"])
+    assert sorted(p.name for p in folder.iterdir()) == ["audio", "audio_2", "image", "speakers.json"]
+    job = stored_job(_config(), folder, "out.mp4", view["id"])
+    assert [s.name for s in job.speakers.speakers] == ["Ann", "Bob"] and job.audio == ""
+    assert [s.face for s in job.speakers.speakers] == [tuple(map(float, LEFT)), tuple(map(float, RIGHT))]
+    assert [file_sha256(s.audio) for s in job.speakers.speakers] == [
+        file_sha256(folder / "audio"),
+        file_sha256(folder / "audio_2"),
+    ]
+    assert (folder / "audio_2").read_bytes() == two
+
+    turns = [{"face": LEFT, "turns": [[0, 0.5]]}, {"face": RIGHT, "turns": [[0.5, 1.0]]}]
+    shared = _post_speakers(client, [json.dumps(turns)], [one])  # one field holding the list works too
+    assert shared.status_code == 202, shared.text
+    job = stored_job(_config(), client.store.upload_dir(shared.json()["id"]), "out.mp4", shared.json()["id"])
+    assert job.speakers.turns and job.audio == job.speakers.shared_audio
+    assert [s.turns for s in job.speakers.speakers] == [((0.0, 0.5),), ((0.5, 1.0),)]
+
+
+def test_bad_speakers_fields_are_one_line_naming_the_speaker(client):
+    one, two = _voice(0.0, 1.0), _voice(2.0, 0.6)
+    ann, bob = {"face": LEFT, "name": "Ann"}, {"face": RIGHT, "name": "Bob"}
+    cases = [
+        ([ann, bob], [one], "2 speakers and 1 audio files; send one audio file per speaker"),
+        ([], [one, two], "2 audio files without speakers; send one speakers field per audio file"),
+        ([ann, {**bob, "audio": "/etc/passwd"}], [one, two], "speaker 2 audio: a server does not read paths"),
+        ([ann, "{nope"], [one, two], "speakers field 2 is not valid JSON"),
+        ([ann, {**bob, "mouth": 1}], [one, two], "speaker 2 mouth: unknown field; valid fields are face, name, turns"),
+        ([ann, {**bob, "face": [600, 64, 700, 164]}], [one, two], 'speakers: speaker 2 ("Bob") face'),
+        ([ann, {**bob, "face": LEFT}], [one, two], 'speaker 2 ("Bob")'),
+        ([ann, bob], [one, b""], 'speaker 2 ("Bob") audio: audio=voice2.wav: the file is empty'),
+        ([{**ann, "turns": [[0, 1]]}, {**bob, "turns": [[1, 2]]}], [one, two], "send one audio file, not 2"),
+        ([{"face": "auto"}] * 9, [one], "9 speakers; at most 8"),
+        ([{"face": "auto"}] * 9, [one] * 9, "at most 8 audio files and 8 speakers fields"),
+    ]
+    for speakers, tracks, expect in cases:
+        refused = _post_speakers(client, speakers, tracks)
+        assert refused.status_code == 400, (expect, refused.text)
+        error = refused.json()["error"]
+        assert expect in error and "\n" not in error, (expect, error)
+        assert str(client.store.root) not in error, error  # the stored paths never show
+    assert client.leftovers() == [] and client.store.count_active() == 0
