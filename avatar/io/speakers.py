@@ -206,18 +206,23 @@ def _parse_speaker(entry, index: int, where: str, base: Path) -> Speaker:
     return Speaker(index=index, name=name, face=face, audio=audio, turns=turns)
 
 
+def _refuse_constant(constant):
+    raise ValueError(f"{constant} is not valid JSON")
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses ``NaN`` and ``Infinity`` (``ValueError``, as for any other invalid JSON)."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
 def read_speakers(path, shared_audio: str | None = None) -> SpeakerSpec:
     """Read and validate ``speakers=PATH.json`` (strict JSON: no comments, no trailing commas, no NaN)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"speakers={path}: file not found; give a JSON file listing the speakers")
-
-    def refuse(constant):
-        raise ValueError(f"{constant} is not valid JSON")
-
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle, parse_constant=refuse)
+            data = strict_json(handle.read())
     except UnicodeDecodeError as err:
         raise InputError(f"speakers={path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:

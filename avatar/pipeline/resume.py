@@ -44,9 +44,8 @@ def job_state(cfg_dict: dict, job) -> tuple[str, dict]:
         return job_key({"image": job.image, "audio": job.audio}, config), config
     # faces, names, turns: a change renders afresh; the tracks by content only (their labels name the speakers), so
     # a rank or a worker that reads its own copy of the uploads computes the same key
-    spec = speakers.as_dict()
-    spec.pop("audio", None)
-    config["job"]["speakers"] = {"speakers": [{k: v for k, v in s.items() if k != "audio"} for s in spec["speakers"]]}
+    listed = speakers.as_dict()["speakers"]
+    config["job"]["speakers"] = {"speakers": [{k: v for k, v in s.items() if k != "audio"} for s in listed]}
     return job_key({"image": job.image, **job.audio_files()}, config), config
 
 

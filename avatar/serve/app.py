@@ -290,7 +290,7 @@ def request_speakers(fields: list, tracks: int) -> dict | None:
     object form over the stored audio files: one track per speaker (the i-th ``audio`` file is the i-th speaker's),
     or, when the speakers give ``turns``, the one ``audio`` file as their shared recording. None without speakers.
     A speaker may not name a path (``audio``): its track is an uploaded file. Raises ``HTTPProblem``."""
-    from avatar.io.speakers import SPEAKER_KEYS
+    from avatar.io.speakers import SPEAKER_KEYS, strict_json
 
     if not fields:
         if tracks > 1:
@@ -305,7 +305,7 @@ def request_speakers(fields: list, tracks: int) -> dict | None:
         if not isinstance(text, str):
             raise HTTPProblem(400, f"speakers field {k} is a file; send it as a text field (JSON)")
         try:
-            value = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+            value = strict_json(text)
         except ValueError as err:
             raise HTTPProblem(
                 400,
@@ -359,7 +359,6 @@ def _validate_files(cfg: RunConfig, folder: Path, names: dict, job_id: str, stor
     from avatar.validate import check_job
 
     capped = replace(cfg, audio=replace(cfg.audio, max_seconds=audio_limit(cfg)))
-    speakers_file = folder / SPEAKERS_FILE
     try:
         job = stored_job(cfg, folder, str(store.result_path(job_id)), job_id)
     except InputError as err:
@@ -388,7 +387,7 @@ def _validate_files(cfg: RunConfig, folder: Path, names: dict, job_id: str, stor
         if cfg.audio.max_seconds is None or cfg.serve.max_audio_seconds < cfg.audio.max_seconds:
             message = message.replace("audio.max_seconds", "serve.max_audio_seconds")
         raise HTTPProblem(400, message) from None
-    tracks = job.speakers.tracks if speakers_file.is_file() else [job.audio]
+    tracks = job.speakers.tracks if job.speakers is not None else [job.audio]
     counts = [segment_count(capped, track) for track in tracks]
     return max(counts) if counts[0] is not None else None
 
